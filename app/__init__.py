@@ -1,0 +1,1 @@
+"""payguard: money-moving flows made safe."""

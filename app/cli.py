@@ -1,0 +1,105 @@
+"""payguard serve | migrate | token (worker, operator, jobs and demo arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from app.config import ConfigError, Settings, load_settings
+from app.observability.logging import configure_logging
+
+log = logging.getLogger("payguard.cli")
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[str]:
+    """The configured URL, or the embedded server of the data dir (started if none runs there)."""
+    if settings.database_url is not None:
+        yield settings.database_url
+        return
+    from app.db.embedded import start_embedded
+
+    pg, url = start_embedded(settings.data_dir)
+    try:
+        yield url
+    finally:
+        pg.close()  # stops PostgreSQL if no other payguard process holds it
+
+
+def serve(settings: Settings, args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from app.db.migrate import upgrade
+    from app.main import create_app
+
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; turn them into exceptions
+    # so the embedded PostgreSQL is stopped on the way out instead of being left running
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    with database(settings) as url:
+        upgrade(url)
+        app = create_app(settings, url)
+        log.info("serving", extra={"host": args.host, "port": args.port, "embedded": settings.embedded})
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            loop="uvloop",
+            http="httptools",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=20,
+        )
+    log.info("stopped")
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def migrate(settings: Settings, args: argparse.Namespace) -> None:
+    from app.db.migrate import upgrade
+
+    with database(settings) as url:
+        upgrade(url, args.revision)
+    log.info("migrated", extra={"revision": args.revision})
+
+
+def token(settings: Settings, args: argparse.Namespace) -> None:
+    from app.auth import issue_token
+
+    print(issue_token(settings, args.user, admin=args.admin, ttl_s=args.ttl))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="payguard", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve the HTTP API (embedded PostgreSQL without DATABASE_URL)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(run=serve)
+    m = sub.add_parser("migrate", help="apply database migrations")
+    m.add_argument("--revision", default="head")
+    m.set_defaults(run=migrate)
+    t = sub.add_parser("token", help="print a bearer token signed with the configured secret")
+    t.add_argument("--user", required=True)
+    t.add_argument("--admin", action="store_true")
+    t.add_argument("--ttl", type=int, default=None, help="seconds (default PAYGUARD_TOKEN_TTL_S)")
+    t.set_defaults(run=token)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        args.run(settings, args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except ConfigError as exc:
+        print(f"payguard: {exc}", file=sys.stderr)
+        sys.exit(2)

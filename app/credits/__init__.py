@@ -1,0 +1,1 @@
+"""Credits: packages bought through Stripe, balances, the append-only ledger."""

@@ -1,0 +1,67 @@
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+
+from app.context import Caller, Services
+from app.credits import service
+from app.credits.schemas import (
+    Balance,
+    GrantOut,
+    GrantRequest,
+    LedgerPage,
+    Package,
+    PurchaseOut,
+    PurchaseRequest,
+)
+from app.http import IdempotencyKeyHeader, Limit, keyed, respond
+
+
+class CreditsController(Controller):
+    path = "/v1/credits"
+    tags = ["credits"]
+
+    @get("/packages")
+    async def packages(self, services: Services) -> list[Package]:
+        return service.list_packages(services)
+
+    @post("/purchases", status_code=201, summary="Buy a credit package (creates a Stripe PaymentIntent)")
+    async def purchase(
+        self,
+        request: Request[Any, Any, Any],
+        services: Services,
+        caller: Caller,
+        data: PurchaseRequest,
+        idempotency_key: IdempotencyKeyHeader = None,
+    ) -> Response[PurchaseOut]:
+        req = keyed(request, caller, idempotency_key, data)
+        return respond(await service.purchase_credits(services, caller, req, data.package_id))
+
+    @get("/balance")
+    async def balance(self, services: Services, caller: Caller) -> Balance:
+        return Balance(caller.user_id, await service.get_balance(services, caller.user_id))
+
+    @get("/ledger")
+    async def ledger(
+        self, services: Services, caller: Caller, cursor: str | None = None, limit: Limit = 50
+    ) -> LedgerPage:
+        return await service.list_ledger(services, caller.user_id, cursor, limit)
+
+
+class CreditsAdminController(Controller):
+    path = "/admin/credits"
+    tags = ["admin"]
+
+    @post("/grants", status_code=201)
+    async def grant(
+        self,
+        request: Request[Any, Any, Any],
+        services: Services,
+        admin: Caller,
+        data: GrantRequest,
+        idempotency_key: IdempotencyKeyHeader = None,
+    ) -> Response[GrantOut]:
+        req = keyed(request, admin, idempotency_key, data)
+        result = await service.grant_credits(
+            services, req, user_id=data.user_id, credits=data.credits, reason=data.reason
+        )
+        return respond(result)

@@ -1,0 +1,58 @@
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+
+Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+PositiveCredits = Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)]
+
+
+class Package(msgspec.Struct):
+    id: str
+    credits: int
+    amount: int
+    currency: str
+
+
+class PurchaseRequest(msgspec.Struct, forbid_unknown_fields=True):
+    package_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class PurchaseOut(msgspec.Struct):
+    purchase_id: int
+    payment_intent_id: str
+    client_secret: str
+    status: str
+    credits: int
+    amount: int
+    currency: str
+
+
+class Balance(msgspec.Struct):
+    user_id: str
+    balance: int
+
+
+class LedgerItem(msgspec.Struct):
+    id: int
+    delta: int
+    reason: str
+    reference: str
+    created_at: datetime
+
+
+class LedgerPage(msgspec.Struct):
+    items: list[LedgerItem]
+    next_cursor: str | None
+
+
+class GrantRequest(msgspec.Struct, forbid_unknown_fields=True):
+    user_id: UserId
+    credits: PositiveCredits
+    reason: Reason
+
+
+class GrantOut(msgspec.Struct):
+    entry_id: int
+    balance: int

@@ -1,0 +1,251 @@
+"""Credit use cases: buy a package, read the balance and ledger, grant, and move credits.
+
+Every balance change goes through `apply_ledger_entry`: the balance moves in SQL
+(`balance - :p WHERE balance >= :p`), a CHECK keeps it non-negative, and the
+ledger's unique `reference` lets each source event apply once only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.context import Caller, Services
+from app.credits.models import CreditAccount, CreditPurchase, LedgerEntry
+from app.credits.schemas import GrantOut, LedgerItem, LedgerPage, Package, PurchaseOut
+from app.idempotency import service as keys
+from app.idempotency.service import Claim, Finish, KeyedRequest, MoveTo, Result, step
+from app.observability.metrics import CREDITS_GRANTED, PURCHASES
+from app.pagination import page, parse_cursor
+from app.problems import NotFound, ServiceError
+from app.ratelimit import service as ratelimit
+
+log = logging.getLogger("payguard.credits")
+
+
+class InsufficientCredits(ServiceError):
+    status, type, title = 402, "insufficient-credits", "Not enough credits"
+
+
+class PaymentMismatch(ServiceError):
+    status, type, title = 409, "payment-mismatch", "Payment does not match the purchase"
+
+
+def list_packages(services: Services) -> list[Package]:
+    return [Package(p.id, p.credits, p.amount, p.currency) for p in services.settings.credit_packages]
+
+
+async def apply_ledger_entry(
+    session: AsyncSession, *, user_id: str, delta: int, reason: str, reference: str
+) -> tuple[int, int]:
+    """Move `delta` credits inside the caller's transaction; returns (entry id, new balance).
+
+    Raises InsufficientCredits rather than let a balance go negative.
+    """
+    if delta > 0:
+        balance = await session.scalar(
+            pg_insert(CreditAccount)
+            .values(user_id=user_id, balance=delta)
+            .on_conflict_do_update(
+                index_elements=[CreditAccount.user_id],
+                set_={"balance": CreditAccount.balance + delta, "updated_at": func.now()},
+            )
+            .returning(CreditAccount.balance)
+        )
+    else:
+        balance = await session.scalar(
+            update(CreditAccount)
+            .where(CreditAccount.user_id == user_id, CreditAccount.balance >= -delta)
+            .values(balance=CreditAccount.balance + delta, updated_at=func.now())
+            .returning(CreditAccount.balance)
+        )
+        if balance is None:
+            raise InsufficientCredits(f"this costs {-delta} credits, more than the balance")
+    assert balance is not None
+    entry_id = await session.scalar(
+        insert(LedgerEntry)
+        .values(user_id=user_id, delta=delta, balance_after=balance, reason=reason, reference=reference)
+        .returning(LedgerEntry.id)
+    )
+    assert entry_id is not None
+    return entry_id, balance
+
+
+async def purchase_credits(
+    services: Services, caller: Caller, request: KeyedRequest, package_id: str
+) -> Result:
+    """Buy a credit package: creates exactly one PaymentIntent per Idempotency-Key.
+
+    Phases: `started` records the purchase; `purchase_created` asks Stripe for the
+    intent with a key derived from the purchase id and stores it. A crash between
+    the Stripe call and our commit resumes at `purchase_created`, and Stripe
+    answers the repeated call with the same intent.
+    """
+    settings = services.settings
+    keys.check_key(request.key, required=True)
+    services.payments.require()
+    package = settings.package(package_id)
+    if package is None:
+        raise NotFound(f"no credit package {package_id!r}", package_id=package_id)
+    await ratelimit.hit(
+        services.sessions,
+        "credit_purchase",
+        caller.user_id,
+        settings.rate_credit_purchases,
+        settings.rate_window_s,
+    )
+
+    async def started(claim: Claim | None) -> MoveTo | Finish:
+        assert claim is not None
+        async with step(services.sessions, claim) as st:
+            st.session.add(
+                CreditPurchase(
+                    user_id=caller.user_id,
+                    idempotency_key_id=claim.key_id,
+                    package_id=package.id,
+                    credits=package.credits,
+                    amount=package.amount,
+                    currency=package.currency,
+                )
+            )
+            return await st.move("purchase_created")
+
+    async def purchase_created(claim: Claim | None) -> MoveTo | Finish:
+        assert claim is not None
+        async with services.sessions() as session:
+            purchase = await session.scalar(
+                select(CreditPurchase).where(CreditPurchase.idempotency_key_id == claim.key_id)
+            )
+        assert purchase is not None
+        intent = await services.payments.create_payment_intent(
+            amount=purchase.amount,
+            currency=purchase.currency,
+            metadata={"payguard_credit_purchase_id": str(purchase.id), "payguard_user_id": caller.user_id},
+            idempotency_key=f"payguard-credit-purchase-{purchase.id}",
+        )
+        async with step(services.sessions, claim) as st:
+            await st.session.execute(
+                update(CreditPurchase)
+                .where(CreditPurchase.id == purchase.id)
+                .values(payment_intent_id=intent.id, updated_at=func.now())
+            )
+            out = PurchaseOut(
+                purchase_id=purchase.id,
+                payment_intent_id=intent.id,
+                client_secret=intent.client_secret,
+                status=purchase.status,
+                credits=purchase.credits,
+                amount=purchase.amount,
+                currency=purchase.currency,
+            )
+            return await st.finish(201, out)
+
+    result = await keys.run(
+        services.sessions,
+        request,
+        {"started": started, "purchase_created": purchase_created},
+        settings.idempotency_lock_timeout_s,
+    )
+    if not result.replayed:
+        PURCHASES.labels("credits", "created").inc()
+    return result
+
+
+@dataclass(frozen=True)
+class PaymentGrant:
+    purchase_id: int
+    user_id: str
+    credits: int
+    balance: int
+    newly_granted: bool
+
+
+async def grant_purchased_credits(
+    services: Services, *, payment_intent_id: str, amount: int, currency: str
+) -> PaymentGrant:
+    """Grant a paid package's credits: exactly once per payment intent, whatever the retries.
+
+    The purchase is found by the intent id (never by metadata alone) and locked;
+    amount and currency must match what was charged.
+    """
+    async with services.sessions() as session, session.begin():
+        purchase = await session.scalar(
+            select(CreditPurchase)
+            .where(CreditPurchase.payment_intent_id == payment_intent_id)
+            .with_for_update()
+        )
+        if purchase is None:
+            raise NotFound(f"no credit purchase for payment intent {payment_intent_id}")
+        if (purchase.amount, purchase.currency) != (amount, currency.lower()):
+            PURCHASES.labels("credits", "mismatch").inc()
+            raise PaymentMismatch(
+                f"intent paid {amount} {currency}, purchase expects {purchase.amount} {purchase.currency}"
+            )
+        if purchase.status == "succeeded":
+            balance = await session.scalar(
+                select(CreditAccount.balance).where(CreditAccount.user_id == purchase.user_id)
+            )
+            return PaymentGrant(purchase.id, purchase.user_id, purchase.credits, balance or 0, False)
+        _, balance = await apply_ledger_entry(
+            session,
+            user_id=purchase.user_id,
+            delta=purchase.credits,
+            reason=f"purchase of package {purchase.package_id}",
+            reference=f"payment_intent:{payment_intent_id}",
+        )
+        purchase.status = "succeeded"
+        purchase.updated_at = func.now()
+    PURCHASES.labels("credits", "succeeded").inc()
+    CREDITS_GRANTED.labels("purchase").inc(purchase.credits)
+    return PaymentGrant(purchase.id, purchase.user_id, purchase.credits, balance, True)
+
+
+async def grant_credits(
+    services: Services, request: KeyedRequest, *, user_id: str, credits: int, reason: str
+) -> Result:
+    """Admin grant: one ledger entry per Idempotency-Key."""
+    keys.check_key(request.key, required=True)
+
+    async def started(claim: Claim | None) -> MoveTo | Finish:
+        assert claim is not None
+        async with step(services.sessions, claim) as st:
+            entry_id, balance = await apply_ledger_entry(
+                st.session,
+                user_id=user_id,
+                delta=credits,
+                reason=reason,
+                reference=f"grant:{claim.key_id}",
+            )
+            return await st.finish(201, GrantOut(entry_id, balance))
+
+    result = await keys.run(
+        services.sessions, request, {"started": started}, services.settings.idempotency_lock_timeout_s
+    )
+    if not result.replayed:
+        CREDITS_GRANTED.labels("admin").inc(credits)
+    return result
+
+
+async def get_balance(services: Services, user_id: str) -> int:
+    async with services.sessions() as session:
+        balance = await session.scalar(select(CreditAccount.balance).where(CreditAccount.user_id == user_id))
+    return balance or 0
+
+
+async def list_ledger(services: Services, user_id: str, cursor: str | None, limit: int) -> LedgerPage:
+    """Newest first."""
+    before = parse_cursor(cursor)
+    query = select(LedgerEntry).where(LedgerEntry.user_id == user_id)
+    if before is not None:
+        query = query.where(LedgerEntry.id < before)
+    async with services.sessions() as session:
+        rows = (await session.scalars(query.order_by(LedgerEntry.id.desc()).limit(limit + 1))).all()
+    items, next_cursor = page(rows, limit)
+    return LedgerPage(
+        items=[LedgerItem(e.id, e.delta, e.reason, e.reference, e.created_at) for e in items],
+        next_cursor=next_cursor,
+    )

@@ -1,0 +1,1 @@
+"""Database: engine, session scope, embedded PostgreSQL, migrations."""

@@ -1,0 +1,1 @@
+"""Idempotency keys: replay, conflict detection and atomic phases with fencing."""

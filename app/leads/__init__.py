@@ -1,0 +1,1 @@
+"""Leads: sold once, for credits, in one transaction."""

@@ -1,0 +1,61 @@
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.params import Parameter
+
+from app.context import Caller, Services
+from app.http import IdempotencyKeyHeader, Limit, keyed, respond
+from app.leads import service
+from app.leads.schemas import LeadCreate, LeadCreated, LeadPage, LeadPurchaseOut, PurchasedLeadPage
+from app.pagination import MAX_ID
+
+LeadId = Annotated[int, Parameter(ge=1, le=MAX_ID)]
+
+
+class LeadsController(Controller):
+    path = "/v1/leads"
+    tags = ["leads"]
+
+    @get("/")
+    async def available(
+        self, services: Services, caller: Caller, cursor: str | None = None, limit: Limit = 50
+    ) -> LeadPage:
+        return await service.list_available_leads(services, cursor, limit)
+
+    @get("/purchased")
+    async def purchased(
+        self, services: Services, caller: Caller, cursor: str | None = None, limit: Limit = 50
+    ) -> PurchasedLeadPage:
+        return await service.list_purchased_leads(services, caller.user_id, cursor, limit)
+
+    @post("/{lead_id:int}/purchase", status_code=201, summary="Buy a lead with credits")
+    async def purchase(
+        self,
+        request: Request[Any, Any, Any],
+        services: Services,
+        caller: Caller,
+        lead_id: LeadId,
+        idempotency_key: IdempotencyKeyHeader = None,
+    ) -> Response[LeadPurchaseOut]:
+        req = keyed(request, caller, idempotency_key)
+        return respond(await service.purchase_lead(services, caller, req, lead_id))
+
+
+class LeadsAdminController(Controller):
+    path = "/admin/leads"
+    tags = ["admin"]
+
+    @post("/", status_code=201)
+    async def create(
+        self,
+        request: Request[Any, Any, Any],
+        services: Services,
+        admin: Caller,
+        data: LeadCreate,
+        idempotency_key: IdempotencyKeyHeader = None,
+    ) -> Response[LeadCreated]:
+        req = keyed(request, admin, idempotency_key, data)
+        result = await service.create_lead(
+            services, req, title=data.title, price_credits=data.price_credits, details=data.details
+        )
+        return respond(result)

@@ -1,0 +1,152 @@
+"""Lead use cases. A purchase is one transaction: lock the lead, debit, mark sold, ledger, outbox."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, insert, select
+
+from app.context import Caller, Services
+from app.credits import service as credits
+from app.idempotency import service as keys
+from app.idempotency.service import Claim, Finish, KeyedRequest, MoveTo, Result, step
+from app.leads.models import Lead, LeadPurchase
+from app.leads.schemas import (
+    LeadCreated,
+    LeadItem,
+    LeadPage,
+    LeadPurchaseOut,
+    PurchasedLead,
+    PurchasedLeadPage,
+)
+from app.notifications import service as notifications
+from app.observability.metrics import PURCHASES
+from app.pagination import page, parse_cursor
+from app.problems import NotFound, ServiceError
+from app.ratelimit import service as ratelimit
+
+
+class LeadUnavailable(ServiceError):
+    status, type, title = 409, "lead-unavailable", "Lead is no longer available"
+
+
+async def create_lead(
+    services: Services, request: KeyedRequest, *, title: str, price_credits: int, details: dict[str, Any]
+) -> Result:
+    keys.check_key(request.key, required=False)
+
+    async def started(claim: Claim | None) -> MoveTo | Finish:
+        async with step(services.sessions, claim) as st:
+            lead_id = await st.session.scalar(
+                insert(Lead)
+                .values(title=title, price_credits=price_credits, details=details, status="available")
+                .returning(Lead.id)
+            )
+            assert lead_id is not None
+            return await st.finish(201, LeadCreated(lead_id, "available"))
+
+    return await keys.run(
+        services.sessions, request, {"started": started}, services.settings.idempotency_lock_timeout_s
+    )
+
+
+async def purchase_lead(services: Services, caller: Caller, request: KeyedRequest, lead_id: int) -> Result:
+    """Buy a lead with credits: an exclusive lead is sold once, a balance never goes negative.
+
+    Lock order (key, lead, account) is the same in every use case, so racing
+    buyers queue on the lead row instead of deadlocking.
+    """
+    settings = services.settings
+    keys.check_key(request.key, required=True)
+    await ratelimit.hit(
+        services.sessions,
+        "lead_purchase",
+        caller.user_id,
+        settings.rate_lead_purchases,
+        settings.rate_window_s,
+    )
+
+    async def started(claim: Claim | None) -> MoveTo | Finish:
+        async with step(services.sessions, claim) as st:
+            session = st.session
+            lead = await session.scalar(select(Lead).where(Lead.id == lead_id).with_for_update())
+            if lead is None:
+                raise NotFound(f"no lead {lead_id}")
+            if lead.status != "available":
+                raise LeadUnavailable(f"lead {lead_id} has been sold")
+            entry_id, balance = await credits.apply_ledger_entry(
+                session,
+                user_id=caller.user_id,
+                delta=-lead.price_credits,
+                reason=f"purchase of lead {lead_id}",
+                reference=f"lead_purchase:{lead_id}",
+            )
+            lead.status, lead.buyer_id, lead.sold_at = "sold", caller.user_id, func.now()
+            purchase_id = await session.scalar(
+                insert(LeadPurchase)
+                .values(
+                    lead_id=lead_id,
+                    user_id=caller.user_id,
+                    price_credits=lead.price_credits,
+                    ledger_entry_id=entry_id,
+                )
+                .returning(LeadPurchase.id)
+            )
+            assert purchase_id is not None
+            await notifications.enqueue_email(
+                session,
+                kind="lead_purchased",
+                user_id=caller.user_id,
+                recipient=caller.email,
+                payload={"lead_id": lead_id, "purchase_id": purchase_id, "title": lead.title},
+                max_attempts=settings.email_max_attempts,
+            )
+            out = LeadPurchaseOut(purchase_id, lead_id, lead.price_credits, balance)
+            return await st.finish(201, out)
+
+    try:
+        result = await keys.run(
+            services.sessions, request, {"started": started}, settings.idempotency_lock_timeout_s
+        )
+    except ServiceError as exc:
+        PURCHASES.labels("lead", "rejected" if exc.status < 500 else "failed").inc()
+        raise
+    if not result.replayed:
+        PURCHASES.labels("lead", "succeeded").inc()
+    return result
+
+
+async def list_available_leads(services: Services, cursor: str | None, limit: int) -> LeadPage:
+    after = parse_cursor(cursor)
+    query = select(Lead).where(Lead.status == "available")
+    if after is not None:
+        query = query.where(Lead.id > after)
+    async with services.sessions() as session:
+        rows = (await session.scalars(query.order_by(Lead.id).limit(limit + 1))).all()
+    items, next_cursor = page(rows, limit)
+    return LeadPage([LeadItem(r.id, r.title, r.price_credits, r.status) for r in items], next_cursor)
+
+
+async def list_purchased_leads(
+    services: Services, user_id: str, cursor: str | None, limit: int
+) -> PurchasedLeadPage:
+    """The caller's purchases, newest first, with the details they paid for."""
+    before = parse_cursor(cursor)
+    query = (
+        select(
+            LeadPurchase.id,
+            Lead.id.label("lead_id"),
+            Lead.title,
+            LeadPurchase.price_credits,
+            Lead.details,
+            LeadPurchase.created_at,
+        )
+        .join(Lead, Lead.id == LeadPurchase.lead_id)
+        .where(LeadPurchase.user_id == user_id)
+    )
+    if before is not None:
+        query = query.where(LeadPurchase.id < before)
+    async with services.sessions() as session:
+        rows = (await session.execute(query.order_by(LeadPurchase.id.desc()).limit(limit + 1))).all()
+    items, next_cursor = page(rows, limit)
+    return PurchasedLeadPage([PurchasedLead(*r) for r in items], next_cursor)

@@ -1,0 +1,61 @@
+"""create_app(): wiring only."""
+
+from __future__ import annotations
+
+from litestar import Litestar
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+
+from app.auth import Authenticator
+from app.config import Settings
+from app.context import Services
+from app.credits.routes import CreditsAdminController, CreditsController
+from app.db.engine import create_engine, session_factory
+from app.health.routes import ROUTES as HEALTH_ROUTES
+from app.http import EXCEPTION_HANDLERS, provide_admin, provide_caller, provide_services
+from app.leads.routes import LeadsAdminController, LeadsController
+from app.observability.http import observe_requests
+from app.payments.service import PaymentGateway
+
+
+def create_app(settings: Settings, database_url: str) -> Litestar:
+    engine = create_engine(settings, database_url)
+    services = Services(settings, session_factory(engine), PaymentGateway(settings))
+
+    async def dispose_engine() -> None:
+        await engine.dispose()
+
+    app = Litestar(
+        route_handlers=[
+            *HEALTH_ROUTES,
+            CreditsController,
+            CreditsAdminController,
+            LeadsController,
+            LeadsAdminController,
+        ],
+        dependencies={
+            "services": Provide(provide_services, sync_to_thread=False),
+            "caller": Provide(provide_caller),
+            "admin": Provide(provide_admin),
+        },
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=settings.max_body_bytes,
+        on_shutdown=[dispose_engine],
+        openapi_config=OpenAPIConfig(
+            title="payguard",
+            version="1",
+            path="/schema",
+            components=Components(
+                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")}
+            ),
+            security=[{"bearer": []}],
+        ),
+        logging_config=None,
+        debug=False,
+    )
+    app.state.services = services
+    app.state.auth = Authenticator(settings)
+    # outermost layer, so 404s and 405s raised while routing are counted and logged too
+    app.asgi_handler = observe_requests(app.asgi_handler)
+    return app

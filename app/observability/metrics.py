@@ -1,0 +1,31 @@
+"""Prometheus metrics: RED per route, and the domain counters alerts are built on."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+HTTP_REQUESTS = Counter(
+    "payguard_http_requests_total", "HTTP requests by route and status", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "payguard_http_request_duration_seconds",
+    "HTTP request latency by route",
+    ["method", "route"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PURCHASES = Counter(
+    "payguard_purchases_total",
+    "Purchases by kind (credits, lead) and outcome (created, succeeded, rejected, failed)",
+    ["kind", "outcome"],
+)
+IDEMPOTENCY = Counter(
+    "payguard_idempotency_total",
+    "Idempotency-Key outcomes: replayed, in_use, mismatch, takeover, fenced_out",
+    ["outcome"],
+)
+RATE_LIMITED = Counter("payguard_rate_limited_total", "Requests refused by a rate limit", ["action"])
+DB_TIMEOUTS = Counter("payguard_db_timeouts_total", "Statement, lock or pool timeouts")
+STRIPE_REQUESTS = Counter(
+    "payguard_stripe_requests_total", "Calls to Stripe by operation and outcome", ["operation", "outcome"]
+)
+CREDITS_GRANTED = Counter("payguard_credits_granted_total", "Credits granted, by reason", ["reason"])

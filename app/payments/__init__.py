@@ -1,0 +1,1 @@
+"""Payments: the Stripe gateway (official SDK, `api_base` configurable)."""

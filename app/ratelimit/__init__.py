@@ -1,0 +1,1 @@
+"""Rate limits per user and action, held in PostgreSQL so they hold across replicas."""

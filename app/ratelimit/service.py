@@ -1,0 +1,57 @@
+"""GCRA rate limiting in one UPSERT: smooth, burst up to the limit, no background reset.
+
+Each (action, user) row holds the theoretical arrival time (TAT) of the next
+request. A request is allowed when pushing the TAT one emission interval
+(window / limit) further keeps it within one window of now.
+"""
+
+from __future__ import annotations
+
+import math
+
+from sqlalchemy import delete, text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.observability.metrics import RATE_LIMITED
+from app.problems import RateLimited
+from app.ratelimit.models import RateLimitBucket
+
+_ADMIT = text(
+    """
+    INSERT INTO rate_limits AS b (key, tat)
+    VALUES (:key, now() + make_interval(secs => :interval))
+    ON CONFLICT (key) DO UPDATE
+       SET tat = greatest(b.tat, now()) + make_interval(secs => :interval)
+     WHERE greatest(b.tat, now()) + make_interval(secs => :interval)
+           <= now() + make_interval(secs => :window)
+    RETURNING 1
+    """
+)
+_WAIT = text(
+    """
+    SELECT extract(epoch FROM
+        b.tat + make_interval(secs => :interval) - now() - make_interval(secs => :window))
+      FROM rate_limits b WHERE key = :key
+    """
+)
+
+
+async def hit(
+    sessions: async_sessionmaker[AsyncSession], action: str, user_id: str, limit: int, window_s: int
+) -> None:
+    """Count one request of `action` by `user_id`; raise RateLimited past `limit` per window."""
+    params = {"key": f"{action}:{user_id}", "interval": window_s / limit, "window": window_s}
+    async with sessions() as session, session.begin():
+        if await session.scalar(_ADMIT, params) is not None:
+            return
+        wait = await session.scalar(_WAIT, params)
+    RATE_LIMITED.labels(action).inc()
+    retry_after = max(1, math.ceil(float(wait or 1)))
+    raise RateLimited(f"too many {action.replace('_', ' ')} requests; retry in {retry_after} s", retry_after)
+
+
+async def prune_idle_buckets(sessions: async_sessionmaker[AsyncSession]) -> int:
+    """Buckets whose TAT has passed hold no state worth keeping."""
+    async with sessions() as session, session.begin():
+        result = await session.execute(delete(RateLimitBucket).where(RateLimitBucket.tat < text("now()")))
+        return int(result.rowcount)  # type: ignore[attr-defined]

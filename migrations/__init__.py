@@ -1,0 +1,1 @@
+"""Alembic migrations (shipped inside the distribution so `payguard migrate` finds them)."""
