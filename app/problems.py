@@ -13,6 +13,8 @@ class ServiceError(Exception):
     status: ClassVar[int] = 400
     type: ClassVar[str] = "bad-request"
     title: ClassVar[str] = "Bad request"
+    # a business answer, stored under the Idempotency-Key and replayed; False for "try again later"
+    final: ClassVar[bool] = True
     headers: dict[str, str]
 
     def __init__(self, detail: str, **extra: Any) -> None:
@@ -55,6 +57,7 @@ class InvalidCursor(ServiceError):
 
 class RateLimited(ServiceError):
     status, type, title = 429, "rate-limited", "Too many requests"
+    final = False
 
     def __init__(self, detail: str, retry_after_s: int) -> None:
         super().__init__(detail, retry_after=retry_after_s)

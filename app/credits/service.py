@@ -91,16 +91,16 @@ async def purchase_credits(
     package = settings.package(package_id)
     if package is None:
         raise NotFound(f"no credit package {package_id!r}", package_id=package_id)
-    await ratelimit.hit(
-        services.sessions,
-        "credit_purchase",
-        caller.user_id,
-        settings.rate_credit_purchases,
-        settings.rate_window_s,
-    )
 
     async def started(claim: Claim | None) -> MoveTo | Finish:
         assert claim is not None
+        await ratelimit.hit(
+            services.sessions,
+            "credit_purchase",
+            caller.user_id,
+            settings.rate_credit_purchases,
+            settings.rate_window_s,
+        )
         async with step(services.sessions, claim) as st:
             st.session.add(
                 CreditPurchase(

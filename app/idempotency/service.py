@@ -149,8 +149,8 @@ async def run(
     """Run `phases` under the request's key: replay, conflict, or execute from the recovery point.
 
     Typed 4xx errors raised by a phase are stored as the key's response (replayed
-    like a success); 5xx and unexpected errors are not stored and release the key
-    so the client's retry resumes at the last recovery point.
+    like a success); 429, 5xx and unexpected errors are not stored and release the
+    key so the client's retry resumes at the last recovery point.
     """
     if request.key is None:
         return await _drive(sessions, None, phases, STARTED)
@@ -173,7 +173,7 @@ async def _drive(sessions: Sessions, claim: Claim | None, phases: Mapping[str, P
             "a retry with this Idempotency-Key took over while this request was stalled"
         ) from None
     except ServiceError as exc:
-        if claim is None or exc.status >= 500:
+        if claim is None or not exc.final or exc.status >= 500:
             await _release(sessions, claim)
             raise
         try:
@@ -218,7 +218,7 @@ async def _acquire(sessions: Sessions, req: KeyedRequest, lock_timeout_s: float)
         ).first()
         if row is None:  # pruned between our insert and select: the retry will insert afresh
             raise IdempotencyKeyInUse("the key was being pruned; retry the request")
-        key, live = row.tuple()
+        key, live = row
         if (key.request_method, key.request_path, key.request_fingerprint) != (
             req.method,
             req.path,

@@ -58,15 +58,15 @@ async def purchase_lead(services: Services, caller: Caller, request: KeyedReques
     """
     settings = services.settings
     keys.check_key(request.key, required=True)
-    await ratelimit.hit(
-        services.sessions,
-        "lead_purchase",
-        caller.user_id,
-        settings.rate_lead_purchases,
-        settings.rate_window_s,
-    )
 
     async def started(claim: Claim | None) -> MoveTo | Finish:
+        await ratelimit.hit(
+            services.sessions,
+            "lead_purchase",
+            caller.user_id,
+            settings.rate_lead_purchases,
+            settings.rate_window_s,
+        )
         async with step(services.sessions, claim) as st:
             session = st.session
             lead = await session.scalar(select(Lead).where(Lead.id == lead_id).with_for_update())

@@ -1,0 +1,173 @@
+"""One embedded PostgreSQL per session; each test gets a fresh database cloned from a migrated template."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import asyncpg
+import httpx
+import jwt
+import pytest
+from litestar import Litestar
+
+from app.config import Settings, load_settings
+from app.db.embedded import EmbeddedPostgres
+from app.db.migrate import upgrade
+from app.main import create_app
+from tests.stripe_fake import FakeStripe, start_fake_stripe
+
+TEST_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+TEMPLATE = "payguard_template"
+_db_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg: EmbeddedPostgres) -> str:
+    import asyncio
+
+    asyncio.run(pg.ensure_database(TEMPLATE))
+    upgrade(pg.url(TEMPLATE))
+    return TEMPLATE
+
+
+async def _admin(pg: EmbeddedPostgres) -> asyncpg.Connection:
+    return await asyncpg.connect(host=pg.socket_dir, user="postgres", database="postgres")
+
+
+@pytest.fixture
+async def db_url(pg: EmbeddedPostgres, template_db: str) -> AsyncIterator[str]:
+    name = f"test_{next(_db_numbers)}"
+    conn = await _admin(pg)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    finally:
+        await conn.close()
+    yield pg.url(name)
+    conn = await _admin(pg)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to the test's database, for asserting on rows."""
+    dsn = db_url.replace("postgresql+asyncpg", "postgresql")
+    host = dsn.split("host=", 1)[1]
+    conn = await asyncpg.connect(host=host, user="postgres", database=dsn.split("/")[3].split("?")[0])
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture(scope="session")
+def stripe_server() -> Iterator[FakeStripe]:
+    fake, server = start_fake_stripe()
+    yield fake
+    server.shutdown()
+
+
+@pytest.fixture
+def stripe(stripe_server: FakeStripe) -> FakeStripe:
+    stripe_server.reset()
+    return stripe_server
+
+
+@pytest.fixture
+def settings_for(db_url: str, stripe: FakeStripe) -> Callable[..., Settings]:
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": db_url,
+            "jwt_secret": TEST_SECRET,
+            "stripe_secret_key": "sk_test_payguard",
+            "stripe_api_base": stripe.url,
+            "stripe_max_network_retries": 0,
+            "log_level": "WARNING",
+        }
+        values.update(overrides)
+        return load_settings({}, **values)
+
+    return build
+
+
+class Client(httpx.AsyncClient):
+    """An HTTP client that drives the ASGI app in the test's own event loop (real concurrency)."""
+
+    def __init__(self, app: Litestar) -> None:
+        super().__init__(transport=httpx.ASGITransport(app=app), base_url="http://testserver", timeout=120)
+        self.app = app
+
+
+AppFactory = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+async def make_client(settings_for: Callable[..., Settings], db_url: str) -> AsyncIterator[AppFactory]:
+    """Build the app with setting overrides and open an in-process client on it."""
+    opened: list[Client] = []
+
+    async def build(**overrides: Any) -> Client:
+        client = Client(create_app(settings_for(**overrides), db_url))
+        opened.append(client)
+        return client
+
+    yield build
+    for client in opened:
+        await client.aclose()
+        for hook in client.app.on_shutdown:
+            await hook()
+
+
+@pytest.fixture
+async def client(make_client: AppFactory) -> Client:
+    return await make_client()
+
+
+def token(
+    user: str, *, admin: bool = False, secret: str = TEST_SECRET, ttl: int = 3600, **claims: Any
+) -> str:
+    now = int(time.time())
+    body: dict[str, Any] = {"sub": user, "iat": now, "exp": now + ttl, **claims}
+    if admin:
+        body["role"] = "admin"
+    return jwt.encode(body, secret, algorithm="HS256")
+
+
+def auth(user: str, *, admin: bool = False, key: str | None = None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {token(user, admin=admin)}"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return headers
+
+
+ADMIN = "admin-1"
+
+
+async def grant(client: Client, user: str, credits: int, key: str | None = None) -> None:
+    r = await client.post(
+        "/admin/credits/grants",
+        json={"user_id": user, "credits": credits, "reason": "test funds"},
+        headers=auth(ADMIN, admin=True, key=key or f"grant-{user}-{credits}-{time.monotonic_ns()}"),
+    )
+    assert r.status_code == 201, r.text
+
+
+async def create_lead(client: Client, price: int = 10, title: str = "lead") -> int:
+    r = await client.post(
+        "/admin/leads",
+        json={"title": title, "price_credits": price, "details": {"phone": "+1 555 0100"}},
+        headers=auth(ADMIN, admin=True),
+    )
+    assert r.status_code == 201, r.text
+    lead_id: int = r.json()["id"]
+    return lead_id
