@@ -1,0 +1,122 @@
+"""The HTTP shell: problem details for every error, health, metrics, OpenAPI, request ids."""
+
+from __future__ import annotations
+
+import asyncpg
+from litestar import get
+
+from app.main import create_app
+from tests.conftest import AppFactory, Client, auth, create_lead, grant
+
+
+async def test_routing_errors_are_problems(client: Client) -> None:
+    cases = [
+        (client.get("/nowhere"), 404, "not-found"),
+        (client.delete("/v1/credits/balance", headers=auth("u1")), 405, "method-not-allowed"),
+        (
+            client.post(
+                "/admin/leads",
+                content=b'{"title": "' + b"x" * 70_000 + b'", "price_credits": 1}',
+                headers={**auth("a", admin=True), "Content-Type": "application/json"},
+            ),
+            413,
+            "payload-too-large",
+        ),
+    ]
+    for request, status, slug in cases:
+        r = await request
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        body = r.json()
+        assert body["type"] == slug and body["status"] == status and body["title"] and body["detail"]
+
+
+async def test_unexpected_errors_are_500_without_internals(client: Client) -> None:
+    @get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret connection string postgres://admin:hunter2@db")
+
+    client.app.register(boom)
+    r = await client.get("/boom")
+    assert r.status_code == 500
+    assert r.json()["type"] == "internal-error"
+    assert "hunter2" not in r.text and "RuntimeError" not in r.text
+
+
+async def test_validation_errors_are_400_problems(client: Client) -> None:
+    r = await client.post(
+        "/admin/leads", json={"title": "", "price_credits": -5}, headers=auth("a", admin=True)
+    )
+    assert r.status_code == 400
+    assert r.json()["type"] == "validation-error"
+    assert r.json()["errors"]
+
+
+async def test_health_and_readiness(client: Client) -> None:
+    assert (await client.get("/health/live")).json() == {"status": "ok"}
+    assert (await client.get("/health/ready")).status_code == 200
+
+
+async def test_readiness_fails_when_the_database_is_gone(client: Client) -> None:
+    settings = client.app.state.services.settings
+    dead = Client(
+        create_app(settings, "postgresql+asyncpg://postgres@/payguard?host=/nonexistent-socket-dir")
+    )
+    r = await dead.get("/health/ready")
+    assert r.status_code == 503
+    assert (await dead.get("/health/live")).status_code == 200
+    await dead.aclose()
+
+
+async def test_metrics_count_requests_and_domain_events(client: Client) -> None:
+    lead = await create_lead(client, price=5)
+    await grant(client, "u1", 5)
+    await client.post(f"/v1/leads/{lead}/purchase", headers=auth("u1", key="m1"))
+    await client.post(f"/v1/leads/{lead}/purchase", headers=auth("u1", key="m1"))
+    text = (await client.get("/metrics")).text
+    assert (
+        'payguard_http_requests_total{method="POST",route="/v1/leads/{lead_id}/purchase",status="201"}'
+        in text
+    )
+    assert "payguard_http_request_duration_seconds_bucket" in text
+    assert 'payguard_purchases_total{kind="lead",outcome="succeeded"}' in text
+    assert 'payguard_idempotency_total{outcome="replayed"}' in text
+    assert "payguard_db_timeouts_total" in text
+
+
+async def test_request_id_is_echoed_or_made(client: Client) -> None:
+    given = await client.get("/health/live", headers={"X-Request-ID": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    made = await client.get("/health/live", headers={"X-Request-ID": "bad id\twith junk"})
+    assert made.headers["x-request-id"] != "bad id\twith junk" and len(made.headers["x-request-id"]) == 32
+
+
+async def test_openapi_schema_is_served(client: Client) -> None:
+    schema = (await client.get("/schema/openapi.json")).json()
+    for path in [
+        "/v1/credits/purchases",
+        "/v1/leads/{lead_id}/purchase",
+        "/admin/credits/grants",
+        "/v1/credits/ledger",
+    ]:
+        assert path in schema["paths"], path
+    params = schema["paths"]["/v1/credits/purchases"]["post"]["parameters"]
+    assert any(p["name"] == "Idempotency-Key" and p["in"] == "header" for p in params)
+
+
+async def test_a_lock_timeout_is_a_503_and_releases_the_key(
+    make_client: AppFactory, db: asyncpg.Connection
+) -> None:
+    client = await make_client(db_lock_timeout_ms=200)
+    lead = await create_lead(client, price=1)
+    await grant(client, "u1", 5)
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM leads WHERE id = $1 FOR UPDATE", lead)  # someone holds the lead
+        r = await client.post(f"/v1/leads/{lead}/purchase", headers=auth("u1", key="slow"))
+    assert r.status_code == 503
+    assert r.json()["type"] == "database-timeout"
+    assert r.headers["retry-after"] == "1"
+    metrics = (await client.get("/metrics")).text
+    assert "payguard_db_timeouts_total 0.0" not in metrics
+    retry = await client.post(f"/v1/leads/{lead}/purchase", headers=auth("u1", key="slow"))
+    assert retry.status_code == 201
