@@ -9,7 +9,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, QueryParameter
 from sqlalchemy import exc as sa_exc
 
 from app.auth import Authenticator
@@ -23,13 +23,14 @@ log = logging.getLogger("payguard.http")
 # documented on every keyed endpoint; the services validate it
 IdempotencyKeyHeader = Annotated[
     str | None,
-    Parameter(
-        header="Idempotency-Key",
+    HeaderParameter(
+        name="Idempotency-Key",
         description="1-255 printable ASCII characters; a retry with the same key replays the first answer",
         required=False,
     ),
 ]
-Limit = Annotated[int, Parameter(ge=1, le=200, description="page size")]
+Limit = Annotated[int, QueryParameter(ge=1, le=200, description="page size")]
+Cursor = Annotated[str | None, QueryParameter(description="next_cursor of the previous page")]
 
 _SLUGS = {
     400: ("bad-request", "Bad request"),

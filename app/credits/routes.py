@@ -1,6 +1,8 @@
 from typing import Any
 
 from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
 
 from app.context import Caller, Services
 from app.credits import service
@@ -13,7 +15,7 @@ from app.credits.schemas import (
     PurchaseOut,
     PurchaseRequest,
 )
-from app.http import IdempotencyKeyHeader, Limit, keyed, respond
+from app.http import Cursor, IdempotencyKeyHeader, Limit, keyed, respond
 
 
 class CreditsController(Controller):
@@ -21,28 +23,32 @@ class CreditsController(Controller):
     tags = ["credits"]
 
     @get("/packages")
-    async def packages(self, services: Services) -> list[Package]:
+    async def packages(self, services: NamedDependency[Services]) -> list[Package]:
         return service.list_packages(services)
 
     @post("/purchases", status_code=201, summary="Buy a credit package (creates a Stripe PaymentIntent)")
     async def purchase(
         self,
         request: Request[Any, Any, Any],
-        services: Services,
-        caller: Caller,
-        data: PurchaseRequest,
+        services: NamedDependency[Services],
+        caller: NamedDependency[Caller],
+        data: JSONBody[PurchaseRequest],
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[PurchaseOut]:
         req = keyed(request, caller, idempotency_key, data)
         return respond(await service.purchase_credits(services, caller, req, data.package_id))
 
     @get("/balance")
-    async def balance(self, services: Services, caller: Caller) -> Balance:
+    async def balance(self, services: NamedDependency[Services], caller: NamedDependency[Caller]) -> Balance:
         return Balance(caller.user_id, await service.get_balance(services, caller.user_id))
 
     @get("/ledger")
     async def ledger(
-        self, services: Services, caller: Caller, cursor: str | None = None, limit: Limit = 50
+        self,
+        services: NamedDependency[Services],
+        caller: NamedDependency[Caller],
+        cursor: Cursor = None,
+        limit: Limit = 50,
     ) -> LedgerPage:
         return await service.list_ledger(services, caller.user_id, cursor, limit)
 
@@ -55,9 +61,9 @@ class CreditsAdminController(Controller):
     async def grant(
         self,
         request: Request[Any, Any, Any],
-        services: Services,
-        admin: Caller,
-        data: GrantRequest,
+        services: NamedDependency[Services],
+        admin: NamedDependency[Caller],
+        data: JSONBody[GrantRequest],
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[GrantOut]:
         req = keyed(request, admin, idempotency_key, data)

@@ -1,4 +1,5 @@
 from litestar import Response, get
+from litestar.di import NamedDependency
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.context import Services
@@ -11,7 +12,7 @@ async def live() -> dict[str, str]:
 
 
 @get("/health/ready", tags=["health"])
-async def ready(services: Services) -> Response[dict[str, str]]:
+async def ready(services: NamedDependency[Services]) -> Response[dict[str, str]]:
     if await service.database_ready(services):
         return Response({"status": "ok"})
     return Response({"status": "unavailable", "database": "unreachable"}, status_code=503)

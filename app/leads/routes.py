@@ -1,15 +1,16 @@
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import JSONBody, PathParameter
 
 from app.context import Caller, Services
-from app.http import IdempotencyKeyHeader, Limit, keyed, respond
+from app.http import Cursor, IdempotencyKeyHeader, Limit, keyed, respond
 from app.leads import service
 from app.leads.schemas import LeadCreate, LeadCreated, LeadPage, LeadPurchaseOut, PurchasedLeadPage
 from app.pagination import MAX_ID
 
-LeadId = Annotated[int, Parameter(ge=1, le=MAX_ID)]
+LeadId = Annotated[int, PathParameter(ge=1, le=MAX_ID)]
 
 
 class LeadsController(Controller):
@@ -18,13 +19,21 @@ class LeadsController(Controller):
 
     @get("/")
     async def available(
-        self, services: Services, caller: Caller, cursor: str | None = None, limit: Limit = 50
+        self,
+        services: NamedDependency[Services],
+        caller: NamedDependency[Caller],
+        cursor: Cursor = None,
+        limit: Limit = 50,
     ) -> LeadPage:
         return await service.list_available_leads(services, cursor, limit)
 
     @get("/purchased")
     async def purchased(
-        self, services: Services, caller: Caller, cursor: str | None = None, limit: Limit = 50
+        self,
+        services: NamedDependency[Services],
+        caller: NamedDependency[Caller],
+        cursor: Cursor = None,
+        limit: Limit = 50,
     ) -> PurchasedLeadPage:
         return await service.list_purchased_leads(services, caller.user_id, cursor, limit)
 
@@ -32,8 +41,8 @@ class LeadsController(Controller):
     async def purchase(
         self,
         request: Request[Any, Any, Any],
-        services: Services,
-        caller: Caller,
+        services: NamedDependency[Services],
+        caller: NamedDependency[Caller],
         lead_id: LeadId,
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[LeadPurchaseOut]:
@@ -49,9 +58,9 @@ class LeadsAdminController(Controller):
     async def create(
         self,
         request: Request[Any, Any, Any],
-        services: Services,
-        admin: Caller,
-        data: LeadCreate,
+        services: NamedDependency[Services],
+        admin: NamedDependency[Caller],
+        data: JSONBody[LeadCreate],
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[LeadCreated]:
         req = keyed(request, admin, idempotency_key, data)
