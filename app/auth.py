@@ -80,12 +80,13 @@ class Authenticator:
         except (jwt.PyJWTError, ValueError) as exc:
             raise NotAuthenticated(f"invalid bearer token: {type(exc).__name__}") from None
         sub, role, email = claims.get("sub"), claims.get("role"), claims.get("email")
-        if not isinstance(sub, str) or not 1 <= len(sub) <= 255:
-            raise NotAuthenticated("the token's sub must be a user id string")
+        if not isinstance(sub, str) or not 1 <= len(sub) <= 255 or not sub.isprintable():
+            raise NotAuthenticated("the token's sub must be a printable user id of 1-255 characters")
         return Caller(
             user_id=sub,
             role=role if isinstance(role, str) else None,
-            email=email if isinstance(email, str) else None,
+            # only an address that fits the outbox column; otherwise the user gets no email copy
+            email=email if isinstance(email, str) and len(email) <= 320 and email.isprintable() else None,
         )
 
     async def admin(self, authorization: str | None) -> Caller:

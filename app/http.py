@@ -47,6 +47,15 @@ _SLUGS = {
 _TIMEOUT_SQLSTATES = {"57014", "55P03"}  # statement timeout / query canceled, lock not available
 
 
+class PayguardRequest(Request[Any, Any, Any]):
+    async def json(self) -> Any:
+        # Litestar turns msgspec.DecodeError into a 400, but not these two
+        try:
+            return await super().json()
+        except (UnicodeDecodeError, RecursionError):
+            raise ValidationException("the request body is not UTF-8 JSON of reasonable depth") from None
+
+
 def provide_services(state: State) -> Services:
     services: Services = state.services
     return services

@@ -13,7 +13,7 @@ from app.context import Services
 from app.credits.routes import CreditsAdminController, CreditsController
 from app.db.engine import create_engine, session_factory
 from app.health.routes import ROUTES as HEALTH_ROUTES
-from app.http import EXCEPTION_HANDLERS, provide_admin, provide_caller, provide_services
+from app.http import EXCEPTION_HANDLERS, PayguardRequest, provide_admin, provide_caller, provide_services
 from app.leads.routes import LeadsAdminController, LeadsController
 from app.observability.http import observe_requests
 from app.payments.service import PaymentGateway
@@ -41,6 +41,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
         },
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,
+        request_class=PayguardRequest,
         on_shutdown=[dispose_engine],
         openapi_config=OpenAPIConfig(
             title="payguard",

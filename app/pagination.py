@@ -21,7 +21,8 @@ T = TypeVar("T", bound=HasId)
 def parse_cursor(cursor: str | None) -> int | None:
     if cursor is None:
         return None
-    if not cursor.isascii() or not cursor.isdigit() or not 0 < int(cursor) <= MAX_ID:
+    # the length check comes first: int() refuses (with ValueError) strings over 4300 digits
+    if len(cursor) > 19 or not cursor.isascii() or not cursor.isdigit() or not 0 < int(cursor) <= MAX_ID:
         raise InvalidCursor("cursor must be a value returned as next_cursor")
     return int(cursor)
 

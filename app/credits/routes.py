@@ -23,7 +23,9 @@ class CreditsController(Controller):
     tags = ["credits"]
 
     @get("/packages")
-    async def packages(self, services: NamedDependency[Services]) -> list[Package]:
+    async def packages(
+        self, services: NamedDependency[Services], caller: NamedDependency[Caller]
+    ) -> list[Package]:
         return service.list_packages(services)
 
     @post("/purchases", status_code=201, summary="Buy a credit package (creates a Stripe PaymentIntent)")

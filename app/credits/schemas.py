@@ -3,8 +3,10 @@ from typing import Annotated
 
 import msgspec
 
-Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+from app.validation import NO_NUL
+
+Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
+UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=NO_NUL)]
 PositiveCredits = Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)]
 
 
@@ -16,7 +18,7 @@ class Package(msgspec.Struct):
 
 
 class PurchaseRequest(msgspec.Struct, forbid_unknown_fields=True):
-    package_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    package_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL)]
 
 
 class PurchaseOut(msgspec.Struct):

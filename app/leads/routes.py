@@ -8,9 +8,9 @@ from app.context import Caller, Services
 from app.http import Cursor, IdempotencyKeyHeader, Limit, keyed, respond
 from app.leads import service
 from app.leads.schemas import LeadCreate, LeadCreated, LeadPage, LeadPurchaseOut, PurchasedLeadPage
-from app.pagination import MAX_ID
 
-LeadId = Annotated[int, PathParameter(ge=1, le=MAX_ID)]
+# digits only: int() would also take "+2", " 2", "2_0" or non-ASCII digits, giving one lead many URLs
+LeadId = Annotated[str, PathParameter(pattern=r"^[1-9][0-9]{0,17}$", description="lead id")]
 
 
 class LeadsController(Controller):
@@ -37,7 +37,7 @@ class LeadsController(Controller):
     ) -> PurchasedLeadPage:
         return await service.list_purchased_leads(services, caller.user_id, cursor, limit)
 
-    @post("/{lead_id:int}/purchase", status_code=201, summary="Buy a lead with credits")
+    @post("/{lead_id:str}/purchase", status_code=201, summary="Buy a lead with credits")
     async def purchase(
         self,
         request: Request[Any, Any, Any],
@@ -47,7 +47,7 @@ class LeadsController(Controller):
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[LeadPurchaseOut]:
         req = keyed(request, caller, idempotency_key)
-        return respond(await service.purchase_lead(services, caller, req, lead_id))
+        return respond(await service.purchase_lead(services, caller, req, int(lead_id)))
 
 
 class LeadsAdminController(Controller):

@@ -3,11 +3,16 @@ from typing import Annotated, Any
 
 import msgspec
 
+from app.validation import NO_NUL, reject_nul
+
 
 class LeadCreate(msgspec.Struct, forbid_unknown_fields=True):
-    title: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    title: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
     price_credits: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)]
     details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        reject_nul(self.details)
 
 
 class LeadCreated(msgspec.Struct):
