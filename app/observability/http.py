@@ -42,7 +42,7 @@ def observe_requests(app: ASGIApp) -> ASGIApp:
             route = scope.get("path_template") or "unmatched"
             method = scope["method"]
             HTTP_REQUESTS.labels(method, route, str(status)).inc()
-            HTTP_LATENCY.labels(method, route).observe(elapsed)
+            HTTP_LATENCY.labels(method, route, str(status)).observe(elapsed)
             log.info(
                 "request",
                 extra={"method": method, "route": route, "status": status, "ms": round(elapsed * 1e3, 2)},

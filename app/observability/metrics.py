@@ -9,8 +9,8 @@ HTTP_REQUESTS = Counter(
 )
 HTTP_LATENCY = Histogram(
     "payguard_http_request_duration_seconds",
-    "HTTP request latency by route",
-    ["method", "route"],
+    "HTTP request latency by route and status",
+    ["method", "route", "status"],
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 PURCHASES = Counter(

@@ -10,8 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import httpx
 import psutil
+
+from app.db.embedded import EmbeddedPostgres
 
 PAYGUARD = [sys.executable, "-c", "from app.cli import main; main()"]
 
@@ -99,3 +102,17 @@ def test_serve_from_an_empty_data_dir_then_restart_with_the_data(tmp_path: Path)
         assert r.json() == {"user_id": "u1", "balance": 42}  # same data, same secret
     finally:
         stop(proc, data_dir)
+
+
+async def test_migrate_applies_the_schema_to_any_url(pg: EmbeddedPostgres) -> None:
+    await pg.ensure_database("migrate_cli")
+    env = {**os.environ, "DATABASE_URL": pg.url("migrate_cli").replace("+asyncpg", "")}
+    subprocess.run([*PAYGUARD, "migrate"], env=env, check=True, capture_output=True, timeout=120)
+    conn = await asyncpg.connect(host=pg.socket_dir, user="postgres", database="migrate_cli")
+    try:
+        tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables")}
+        version = await conn.fetchval("SELECT version_num FROM alembic_version")
+    finally:
+        await conn.close()
+    assert {"idempotency_keys", "credit_ledger", "leads", "outbox_emails", "rate_limits"} <= tables
+    assert version == "0001"
