@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -42,6 +43,10 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
     with database(settings) as url:
         upgrade(url)
         app = create_app(settings, url)
+        # start-up objects live for the whole process: keep them out of the GC's full collections,
+        # which otherwise pause every request for tens of milliseconds under load
+        gc.collect()
+        gc.freeze()
         log.info("serving", extra={"host": args.host, "port": args.port, "embedded": settings.embedded})
         uvicorn.run(
             app,

@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.context import Caller, Services
 from app.credits.models import CreditAccount, CreditPurchase, LedgerEntry
@@ -39,37 +38,44 @@ def list_packages(services: Services) -> list[Package]:
     return [Package(p.id, p.credits, p.amount, p.currency) for p in services.settings.credit_packages]
 
 
+# prebuilt SQL on the hot path (docs/performance.md); the CHECK (balance >= 0) stands behind _DEBIT
+_CREDIT = text(
+    "INSERT INTO credit_accounts AS a (user_id, balance) VALUES (:user_id, :delta)"
+    " ON CONFLICT (user_id) DO UPDATE SET balance = a.balance + :delta, updated_at = now()"
+    " RETURNING balance"
+)
+_DEBIT = text(
+    "UPDATE credit_accounts SET balance = balance - :cost, updated_at = now()"
+    " WHERE user_id = :user_id AND balance >= :cost RETURNING balance"
+)
+_LEDGER = text(
+    "INSERT INTO credit_ledger (user_id, delta, balance_after, reason, reference)"
+    " VALUES (:user_id, :delta, :balance_after, :reason, :reference) RETURNING id"
+)
+
+
 async def apply_ledger_entry(
-    session: AsyncSession, *, user_id: str, delta: int, reason: str, reference: str
+    session: AsyncSession | AsyncConnection, *, user_id: str, delta: int, reason: str, reference: str
 ) -> tuple[int, int]:
     """Move `delta` credits inside the caller's transaction; returns (entry id, new balance).
 
     Raises InsufficientCredits rather than let a balance go negative.
     """
     if delta > 0:
-        balance = await session.scalar(
-            pg_insert(CreditAccount)
-            .values(user_id=user_id, balance=delta)
-            .on_conflict_do_update(
-                index_elements=[CreditAccount.user_id],
-                set_={"balance": CreditAccount.balance + delta, "updated_at": func.now()},
-            )
-            .returning(CreditAccount.balance)
-        )
+        balance = await session.scalar(_CREDIT, {"user_id": user_id, "delta": delta})
     else:
-        balance = await session.scalar(
-            update(CreditAccount)
-            .where(CreditAccount.user_id == user_id, CreditAccount.balance >= -delta)
-            .values(balance=CreditAccount.balance + delta, updated_at=func.now())
-            .returning(CreditAccount.balance)
-        )
-        if balance is None:
-            raise InsufficientCredits(f"this costs {-delta} credits, more than the balance")
-    assert balance is not None
+        balance = await session.scalar(_DEBIT, {"user_id": user_id, "cost": -delta})
+    if balance is None:
+        raise InsufficientCredits(f"this costs {-delta} credits, more than the balance")
     entry_id = await session.scalar(
-        insert(LedgerEntry)
-        .values(user_id=user_id, delta=delta, balance_after=balance, reason=reason, reference=reference)
-        .returning(LedgerEntry.id)
+        _LEDGER,
+        {
+            "user_id": user_id,
+            "delta": delta,
+            "balance_after": balance,
+            "reason": reason,
+            "reference": reference,
+        },
     )
     assert entry_id is not None
     return entry_id, balance
@@ -102,14 +108,15 @@ async def purchase_credits(
             settings.rate_window_s,
         )
         async with step(services.sessions, claim) as st:
-            st.session.add(
-                CreditPurchase(
+            await st.session.execute(
+                insert(CreditPurchase).values(
                     user_id=caller.user_id,
                     idempotency_key_id=claim.key_id,
                     package_id=package.id,
                     credits=package.credits,
                     amount=package.amount,
                     currency=package.currency,
+                    status="pending",
                 )
             )
             return await st.move("purchase_created")

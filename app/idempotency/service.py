@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from sqlalchemy import CursorResult, delete, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import CursorResult, delete, func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from app.idempotency.models import IdempotencyKey as K
 from app.observability.metrics import IDEMPOTENCY
@@ -36,7 +35,6 @@ from app.problems import (
 log = logging.getLogger("payguard.idempotency")
 
 STARTED = "started"
-FINISHED = "finished"
 MAX_KEY_LENGTH = 255
 
 
@@ -101,46 +99,56 @@ def check_key(key: str | None, *, required: bool) -> str | None:
 
 
 class Step:
-    """One phase's transaction, already fenced: record where the key goes next."""
+    """One phase's transaction, already fenced: record where the key goes next.
 
-    def __init__(self, session: AsyncSession, claim: Claim | None) -> None:
+    `session` is the transaction's Core connection: phases run plain statements, no ORM
+    unit of work, which keeps the money paths cheap in CPU (docs/performance.md).
+    """
+
+    def __init__(self, session: AsyncConnection, claim: Claim | None) -> None:
         self.session = session
         self._claim = claim
 
     async def move(self, recovery_point: str) -> MoveTo:
         if self._claim is not None:
-            await self.session.execute(
-                update(K).where(K.id == self._claim.key_id).values(recovery_point=recovery_point)
-            )
+            await self.session.execute(_MOVE, {"point": recovery_point, "key_id": self._claim.key_id})
         return MoveTo(recovery_point)
 
     async def finish(self, status: int, body: Any) -> Finish:
         encoded = msgspec.json.encode(body)
         if self._claim is not None:
             await self.session.execute(
-                update(K)
-                .where(K.id == self._claim.key_id)
-                .values(
-                    response_status=status,
-                    response_body=encoded.decode(),
-                    recovery_point=FINISHED,
-                    locked_at=None,
-                )
+                _FINISH, {"status": status, "body": encoded.decode(), "key_id": self._claim.key_id}
             )
         return Finish(status, encoded)
+
+
+# the hot path's statements are prebuilt SQL: building SQLAlchemy expressions per call cost
+# more CPU than everything else a request does (docs/performance.md)
+_FENCE = text("SELECT id FROM idempotency_keys WHERE id = :key_id AND fencing_token = :token FOR UPDATE")
+_MOVE = text("UPDATE idempotency_keys SET recovery_point = :point WHERE id = :key_id")
+_FINISH = text(
+    "UPDATE idempotency_keys SET response_status = :status, response_body = :body,"
+    " recovery_point = 'finished', locked_at = NULL WHERE id = :key_id"
+)
+_INSERT_KEY = text(
+    "INSERT INTO idempotency_keys (user_id, key, request_method, request_path, request_fingerprint,"
+    " recovery_point, fencing_token, locked_at)"
+    " VALUES (:user_id, :key, :method, :path, :fingerprint, 'started', 1, now())"
+    " ON CONFLICT (user_id, key) DO NOTHING RETURNING id"
+)
 
 
 @asynccontextmanager
 async def step(sessions: Sessions, claim: Claim | None) -> AsyncIterator[Step]:
     """Open a phase's transaction; fail with FencedOut if the key is no longer ours."""
     async with sessions() as session, session.begin():
+        conn = await session.connection()
         if claim is not None:
-            held = await session.scalar(
-                select(K.id).where(K.id == claim.key_id, K.fencing_token == claim.token).with_for_update()
-            )
+            held = await conn.scalar(_FENCE, {"key_id": claim.key_id, "token": claim.token})
             if held is None:
                 raise FencedOut
-        yield Step(session, claim)
+        yield Step(conn, claim)
 
 
 async def run(
@@ -191,19 +199,14 @@ async def _acquire(sessions: Sessions, req: KeyedRequest, lock_timeout_s: float)
     fingerprint = req.fingerprint()
     async with sessions() as session, session.begin():
         key_id = await session.scalar(
-            pg_insert(K)
-            .values(
-                user_id=req.user_id,
-                key=req.key,
-                request_method=req.method,
-                request_path=req.path,
-                request_fingerprint=fingerprint,
-                recovery_point=STARTED,
-                fencing_token=1,
-                locked_at=func.now(),
-            )
-            .on_conflict_do_nothing(index_elements=[K.user_id, K.key])
-            .returning(K.id)
+            _INSERT_KEY,
+            {
+                "user_id": req.user_id,
+                "key": req.key,
+                "method": req.method,
+                "path": req.path,
+                "fingerprint": fingerprint,
+            },
         )
         if key_id is not None:
             return Claim(key_id, 1, STARTED)

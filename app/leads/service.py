@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import insert, select, text
 
 from app.context import Caller, Services
 from app.credits import service as credits
@@ -28,6 +28,17 @@ from app.ratelimit import service as ratelimit
 
 class LeadUnavailable(ServiceError):
     status, type, title = 409, "lead-unavailable", "Lead is no longer available"
+
+
+# prebuilt SQL on the hot path (docs/performance.md)
+_LOCK_LEAD = text("SELECT price_credits, status, title FROM leads WHERE id = :lead_id FOR UPDATE")
+_SELL_LEAD = text(
+    "UPDATE leads SET status = 'sold', buyer_id = :buyer_id, sold_at = now() WHERE id = :lead_id"
+)
+_RECORD_SALE = text(
+    "INSERT INTO lead_purchases (lead_id, user_id, price_credits, ledger_entry_id)"
+    " VALUES (:lead_id, :user_id, :price_credits, :ledger_entry_id) RETURNING id"
+)
 
 
 async def create_lead(
@@ -69,7 +80,7 @@ async def purchase_lead(services: Services, caller: Caller, request: KeyedReques
         )
         async with step(services.sessions, claim) as st:
             session = st.session
-            lead = await session.scalar(select(Lead).where(Lead.id == lead_id).with_for_update())
+            lead = (await session.execute(_LOCK_LEAD, {"lead_id": lead_id})).first()
             if lead is None:
                 raise NotFound(f"no lead {lead_id}")
             if lead.status != "available":
@@ -81,16 +92,15 @@ async def purchase_lead(services: Services, caller: Caller, request: KeyedReques
                 reason=f"purchase of lead {lead_id}",
                 reference=f"lead_purchase:{lead_id}",
             )
-            lead.status, lead.buyer_id, lead.sold_at = "sold", caller.user_id, func.now()
+            await session.execute(_SELL_LEAD, {"lead_id": lead_id, "buyer_id": caller.user_id})
             purchase_id = await session.scalar(
-                insert(LeadPurchase)
-                .values(
-                    lead_id=lead_id,
-                    user_id=caller.user_id,
-                    price_credits=lead.price_credits,
-                    ledger_entry_id=entry_id,
-                )
-                .returning(LeadPurchase.id)
+                _RECORD_SALE,
+                {
+                    "lead_id": lead_id,
+                    "user_id": caller.user_id,
+                    "price_credits": lead.price_credits,
+                    "ledger_entry_id": entry_id,
+                },
             )
             assert purchase_id is not None
             await notifications.enqueue_email(

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from app.notifications.models import OutboxEmail
+_ENQUEUE = text(
+    "INSERT INTO outbox_emails (kind, user_id, recipient, payload, status, attempts, max_attempts,"
+    " trace_context) VALUES (:kind, :user_id, :recipient, :payload, 'pending', 0, :max_attempts,"
+    " :trace_context) RETURNING id"
+).bindparams(bindparam("payload", type_=JSONB), bindparam("trace_context", type_=JSONB))
 
 
 async def enqueue_email(
-    session: AsyncSession,
+    session: AsyncSession | AsyncConnection,
     *,
     kind: str,
     user_id: str,
@@ -20,14 +26,15 @@ async def enqueue_email(
     trace_context: dict[str, str] | None = None,
 ) -> int:
     """Add an email to the outbox in the caller's transaction: it exists iff the change commits."""
-    email = OutboxEmail(
-        kind=kind,
-        user_id=user_id,
-        recipient=recipient,
-        payload=payload,
-        max_attempts=max_attempts,
-        trace_context=trace_context or {},
+    email_id: int = await session.scalar(
+        _ENQUEUE,
+        {
+            "kind": kind,
+            "user_id": user_id,
+            "recipient": recipient,
+            "payload": payload,
+            "max_attempts": max_attempts,
+            "trace_context": trace_context or {},
+        },
     )
-    session.add(email)
-    await session.flush()
-    return email.id
+    return email_id
