@@ -108,7 +108,7 @@ async def purchase_credits(
             settings.rate_window_s,
         )
         async with step(services.sessions, claim) as st:
-            await st.session.execute(
+            await st.conn.execute(
                 insert(CreditPurchase).values(
                     user_id=caller.user_id,
                     idempotency_key_id=claim.key_id,
@@ -135,7 +135,7 @@ async def purchase_credits(
             idempotency_key=f"payguard-credit-purchase-{purchase.id}",
         )
         async with step(services.sessions, claim) as st:
-            await st.session.execute(
+            await st.conn.execute(
                 update(CreditPurchase)
                 .where(CreditPurchase.id == purchase.id)
                 .values(payment_intent_id=intent.id, updated_at=func.now())
@@ -221,7 +221,7 @@ async def grant_credits(
         assert claim is not None
         async with step(services.sessions, claim) as st:
             entry_id, balance = await apply_ledger_entry(
-                st.session,
+                st.conn,
                 user_id=user_id,
                 delta=credits,
                 reason=reason,

@@ -101,23 +101,23 @@ def check_key(key: str | None, *, required: bool) -> str | None:
 class Step:
     """One phase's transaction, already fenced: record where the key goes next.
 
-    `session` is the transaction's Core connection: phases run plain statements, no ORM
+    `conn` is the transaction's Core connection: phases run plain statements, no ORM
     unit of work, which keeps the money paths cheap in CPU (docs/performance.md).
     """
 
-    def __init__(self, session: AsyncConnection, claim: Claim | None) -> None:
-        self.session = session
+    def __init__(self, conn: AsyncConnection, claim: Claim | None) -> None:
+        self.conn = conn
         self._claim = claim
 
     async def move(self, recovery_point: str) -> MoveTo:
         if self._claim is not None:
-            await self.session.execute(_MOVE, {"point": recovery_point, "key_id": self._claim.key_id})
+            await self.conn.execute(_MOVE, {"point": recovery_point, "key_id": self._claim.key_id})
         return MoveTo(recovery_point)
 
     async def finish(self, status: int, body: Any) -> Finish:
         encoded = msgspec.json.encode(body)
         if self._claim is not None:
-            await self.session.execute(
+            await self.conn.execute(
                 _FINISH, {"status": status, "body": encoded.decode(), "key_id": self._claim.key_id}
             )
         return Finish(status, encoded)

@@ -48,7 +48,7 @@ async def create_lead(
 
     async def started(claim: Claim | None) -> MoveTo | Finish:
         async with step(services.sessions, claim) as st:
-            lead_id = await st.session.scalar(
+            lead_id = await st.conn.scalar(
                 insert(Lead)
                 .values(title=title, price_credits=price_credits, details=details, status="available")
                 .returning(Lead.id)
@@ -79,21 +79,21 @@ async def purchase_lead(services: Services, caller: Caller, request: KeyedReques
             settings.rate_window_s,
         )
         async with step(services.sessions, claim) as st:
-            session = st.session
-            lead = (await session.execute(_LOCK_LEAD, {"lead_id": lead_id})).first()
+            conn = st.conn
+            lead = (await conn.execute(_LOCK_LEAD, {"lead_id": lead_id})).first()
             if lead is None:
                 raise NotFound(f"no lead {lead_id}")
             if lead.status != "available":
                 raise LeadUnavailable(f"lead {lead_id} has been sold")
             entry_id, balance = await credits.apply_ledger_entry(
-                session,
+                conn,
                 user_id=caller.user_id,
                 delta=-lead.price_credits,
                 reason=f"purchase of lead {lead_id}",
                 reference=f"lead_purchase:{lead_id}",
             )
-            await session.execute(_SELL_LEAD, {"lead_id": lead_id, "buyer_id": caller.user_id})
-            purchase_id = await session.scalar(
+            await conn.execute(_SELL_LEAD, {"lead_id": lead_id, "buyer_id": caller.user_id})
+            purchase_id = await conn.scalar(
                 _RECORD_SALE,
                 {
                     "lead_id": lead_id,
@@ -104,7 +104,7 @@ async def purchase_lead(services: Services, caller: Caller, request: KeyedReques
             )
             assert purchase_id is not None
             await notifications.enqueue_email(
-                session,
+                conn,
                 kind="lead_purchased",
                 user_id=caller.user_id,
                 recipient=caller.email,
