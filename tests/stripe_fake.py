@@ -35,6 +35,7 @@ class FakeStripe:
     intents: dict[str, dict[str, Any]] = field(default_factory=dict)
     create_requests: list[tuple[str | None, dict[str, Any]]] = field(default_factory=list)
     failures_to_inject: list[int] = field(default_factory=list)  # statuses for the next creates
+    after_create: Any = None  # called once an intent exists, before the answer is sent (crash tests)
     _by_key: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -45,6 +46,7 @@ class FakeStripe:
             self.intents.clear()
             self.create_requests.clear()
             self.failures_to_inject.clear()
+            self.after_create = None
             self._by_key.clear()
 
     def create_intent(self, key: str | None, params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -109,7 +111,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         if self.path == "/v1/payment_intents":
-            self._send(*self.fake.create_intent(self.headers.get("Idempotency-Key"), params))
+            status, body = self.fake.create_intent(self.headers.get("Idempotency-Key"), params)
+            if self.fake.after_create is not None:
+                self.fake.after_create()
+            self._send(status, body)
         else:
             self._send(404, {"error": {"type": "invalid_request_error", "message": "no such route"}})
 

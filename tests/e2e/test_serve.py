@@ -25,9 +25,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def start(data_dir: Path, port: int, **extra_env: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYGUARD_", "DATABASE_URL", "STRIPE_"))}
     env["PAYGUARD_DATA_DIR"] = str(data_dir)
+    env.update(extra_env)
     return subprocess.Popen([*PAYGUARD, "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE)
 
 
