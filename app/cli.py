@@ -10,6 +10,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from sqlalchemy.exc import DBAPIError
+
 from app.config import ConfigError, Settings, load_settings
 from app.observability.logging import configure_logging
 
@@ -34,8 +36,11 @@ def database(settings: Settings) -> Iterator[str]:
 def serve(settings: Settings, args: argparse.Namespace) -> None:
     import uvicorn
 
+    from app.auth import resolve_jwt_secret
     from app.db.migrate import upgrade
     from app.main import create_app
+
+    resolve_jwt_secret(settings)  # refuse to start without a way to check tokens, before touching the DB
 
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; turn them into exceptions
     # so the embedded PostgreSQL is stopped on the way out instead of being left running
@@ -108,3 +113,6 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"payguard: {exc}", file=sys.stderr)
         sys.exit(2)
+    except (OSError, DBAPIError) as exc:
+        print(f"payguard: cannot reach the database: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -42,3 +42,4 @@ def configure_logging(level: str = "INFO") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our middleware logs each request once
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

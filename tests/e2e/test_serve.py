@@ -117,3 +117,25 @@ async def test_migrate_applies_the_schema_to_any_url(pg: EmbeddedPostgres) -> No
         await conn.close()
     assert {"idempotency_keys", "credit_ledger", "leads", "outbox_emails", "rate_limits"} <= tables
     assert version == "0001"
+
+
+def test_serve_refuses_clearly_without_a_token_secret_or_a_database(tmp_path: Path) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PAYGUARD_", "DATABASE_URL"))}
+    no_secret = subprocess.run(
+        [*PAYGUARD, "serve"],
+        env={**base, "DATABASE_URL": "postgresql://pg@127.0.0.1:1/x"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert no_secret.returncode == 2
+    assert "PAYGUARD_JWT_SECRET" in no_secret.stderr and "Traceback" not in no_secret.stderr
+    no_db = subprocess.run(
+        [*PAYGUARD, "serve"],
+        env={**base, "DATABASE_URL": "postgresql://pg@127.0.0.1:1/x", "PAYGUARD_JWT_SECRET": "s" * 40},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert no_db.returncode == 1
+    assert "cannot reach the database" in no_db.stderr and "Traceback" not in no_db.stderr
