@@ -134,7 +134,7 @@ _FINISH = text(
 _INSERT_KEY = text(
     "INSERT INTO idempotency_keys (user_id, key, request_method, request_path, request_fingerprint,"
     " recovery_point, fencing_token, locked_at)"
-    " VALUES (:user_id, :key, :method, :path, :fingerprint, 'started', 1, now())"
+    " VALUES (:user_id, :key, :method, :path, :fingerprint, :point, 1, now())"
     " ON CONFLICT (user_id, key) DO NOTHING RETURNING id"
 )
 
@@ -206,6 +206,7 @@ async def _acquire(sessions: Sessions, req: KeyedRequest, lock_timeout_s: float)
                 "method": req.method,
                 "path": req.path,
                 "fingerprint": fingerprint,
+                "point": STARTED,
             },
         )
         if key_id is not None:
