@@ -1,20 +1,8 @@
-"""What every use case is handed: settings, the session factory, the payment gateway."""
+"""Who is calling: the authenticated caller every route hands its use case."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
-from app.config import Settings
-from app.payments.service import PaymentGateway
-
-
-@dataclass(frozen=True)
-class Services:
-    settings: Settings
-    sessions: async_sessionmaker[AsyncSession]
-    payments: PaymentGateway
 
 
 @dataclass(frozen=True)

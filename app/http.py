@@ -5,30 +5,18 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-import msgspec
 from litestar import Request, Response
-from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.params import HeaderParameter, QueryParameter
+from litestar.params import QueryParameter
 from sqlalchemy import exc as sa_exc
 
 from app.auth import Authenticator
-from app.context import Caller, Services
-from app.idempotency.service import KeyedRequest, Result
+from app.context import Caller
 from app.observability.metrics import DB_TIMEOUTS
 from app.problems import PROBLEM_JSON, DatabaseTimeout, ServiceError, problem
 
 log = logging.getLogger("payguard.http")
 
-# documented on every keyed endpoint; the services validate it
-IdempotencyKeyHeader = Annotated[
-    str | None,
-    HeaderParameter(
-        name="Idempotency-Key",
-        description="1-255 printable ASCII characters; a retry with the same key replays the first answer",
-        required=False,
-    ),
-]
 Limit = Annotated[int, QueryParameter(ge=1, le=200, description="page size")]
 Cursor = Annotated[str | None, QueryParameter(description="next_cursor of the previous page")]
 
@@ -56,11 +44,6 @@ class PayguardRequest(Request[Any, Any, Any]):
             raise ValidationException("the request body is not UTF-8 JSON of reasonable depth") from None
 
 
-def provide_services(state: State) -> Services:
-    services: Services = state.services
-    return services
-
-
 async def provide_caller(request: Request[Any, Any, Any]) -> Caller:
     auth: Authenticator = request.app.state.auth
     return await auth.caller(request.headers.get("authorization"))
@@ -69,28 +52,6 @@ async def provide_caller(request: Request[Any, Any, Any]) -> Caller:
 async def provide_admin(request: Request[Any, Any, Any]) -> Caller:
     auth: Authenticator = request.app.state.auth
     return await auth.admin(request.headers.get("authorization"))
-
-
-def keyed(
-    request: Request[Any, Any, Any], caller: Caller, key: str | None, body: msgspec.Struct | None = None
-) -> KeyedRequest:
-    """What an Idempotency-Key is bound to: caller, method, path and the decoded body."""
-    return KeyedRequest(
-        user_id=caller.user_id,
-        key=key,
-        method=request.method,
-        path=request.url.path,
-        body=msgspec.json.encode(body) if body is not None else b"",
-    )
-
-
-def respond(result: Result) -> Response[Any]:
-    return Response(
-        result.body,
-        status_code=result.status,
-        media_type=PROBLEM_JSON if result.status >= 400 else "application/json",
-        headers={"Idempotent-Replayed": "true"} if result.replayed else None,
-    )
 
 
 def _problem_response(body: dict[str, Any], headers: dict[str, str] | None = None) -> Response[Any]:

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 from litestar import Litestar
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from app.auth import Authenticator
 from app.config import Settings
-from app.context import Services
 from app.credits.routes import CreditsAdminController, CreditsController
 from app.db.engine import create_engine, session_factory
 from app.health.routes import ROUTES as HEALTH_ROUTES
-from app.http import EXCEPTION_HANDLERS, PayguardRequest, provide_admin, provide_caller, provide_services
+from app.http import EXCEPTION_HANDLERS, PayguardRequest, provide_admin, provide_caller
 from app.leads.routes import LeadsAdminController, LeadsController
 from app.observability.http import observe_requests
-from app.payments.service import PaymentGateway
+from app.payments.gateway import PaymentGateway
+from app.services import Services
+
+
+def provide_services(state: State) -> Services:
+    services: Services = state.services
+    return services
 
 
 def create_app(settings: Settings, database_url: str) -> Litestar:

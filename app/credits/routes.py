@@ -4,7 +4,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
-from app.context import Caller, Services
+from app.context import Caller
 from app.credits import service
 from app.credits.schemas import (
     Balance,
@@ -15,7 +15,9 @@ from app.credits.schemas import (
     PurchaseOut,
     PurchaseRequest,
 )
-from app.http import Cursor, IdempotencyKeyHeader, Limit, keyed, respond
+from app.http import Cursor, Limit
+from app.idempotency.http import IdempotencyKeyHeader, keyed, respond
+from app.services import Services
 
 
 class CreditsController(Controller):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from app.context import Caller, Services
+from app.context import Caller
 from app.credits.models import CreditAccount, CreditPurchase, LedgerEntry
 from app.credits.schemas import GrantOut, LedgerItem, LedgerPage, Package, PurchaseOut
 from app.idempotency import service as keys
@@ -22,6 +22,7 @@ from app.observability.metrics import CREDITS_GRANTED, PURCHASES
 from app.pagination import page, parse_cursor
 from app.problems import NotFound, ServiceError
 from app.ratelimit import service as ratelimit
+from app.services import Services
 
 log = logging.getLogger("payguard.credits")
 

@@ -2,8 +2,8 @@ from litestar import Response, get
 from litestar.di import NamedDependency
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.context import Services
 from app.health import service
+from app.services import Services
 
 
 @get("/health/live", tags=["health"])

@@ -1,6 +1,6 @@
 from sqlalchemy import text
 
-from app.context import Services
+from app.services import Services
 
 
 async def database_ready(services: Services) -> bool:

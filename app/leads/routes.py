@@ -4,10 +4,12 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, PathParameter
 
-from app.context import Caller, Services
-from app.http import Cursor, IdempotencyKeyHeader, Limit, keyed, respond
+from app.context import Caller
+from app.http import Cursor, Limit
+from app.idempotency.http import IdempotencyKeyHeader, keyed, respond
 from app.leads import service
 from app.leads.schemas import LeadCreate, LeadCreated, LeadPage, LeadPurchaseOut, PurchasedLeadPage
+from app.services import Services
 
 # digits only: int() would also take "+2", " 2", "2_0" or non-ASCII digits, giving one lead many URLs
 LeadId = Annotated[str, PathParameter(pattern=r"^[1-9][0-9]{0,17}$", description="lead id")]

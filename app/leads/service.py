@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import insert, select, text
 
-from app.context import Caller, Services
+from app.context import Caller
 from app.credits import service as credits
 from app.idempotency import service as keys
 from app.idempotency.service import Claim, Finish, KeyedRequest, MoveTo, Result, step
@@ -24,6 +24,7 @@ from app.observability.metrics import PURCHASES
 from app.pagination import page, parse_cursor
 from app.problems import NotFound, ServiceError
 from app.ratelimit import service as ratelimit
+from app.services import Services
 
 
 class LeadUnavailable(ServiceError):

@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from app.payments.service import PaymentGateway, PaymentIntent
+from app.payments.gateway import PaymentGateway, PaymentIntent
 from tests.conftest import AppFactory, Client, auth, create_lead, grant
 from tests.stripe_fake import FakeStripe
 
