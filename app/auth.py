@@ -96,13 +96,23 @@ class Authenticator:
         return caller
 
 
-def issue_token(settings: Settings, user_id: str, *, admin: bool = False, ttl_s: int | None = None) -> str:
-    """An HS256 token for development (`payguard token`)."""
+def issue_token(
+    settings: Settings,
+    user_id: str,
+    *,
+    admin: bool = False,
+    ttl_s: int | None = None,
+    email: str | None = None,
+) -> str:
+    """An HS256 token for development (`payguard token`); `ttl_s` defaults to PAYGUARD_TOKEN_TTL_S."""
     secret = resolve_jwt_secret(settings)
     if secret is None:
         raise ConfigError("tokens can only be printed with an HS256 secret, not a JWKS URL")
     now = int(time.time())
-    claims: dict[str, object] = {"sub": user_id, "iat": now, "exp": now + (ttl_s or settings.token_ttl_s)}
+    ttl = settings.token_ttl_s if ttl_s is None else ttl_s
+    claims: dict[str, object] = {"sub": user_id, "iat": now, "exp": now + ttl}
     if admin:
         claims["role"] = "admin"
+    if email is not None:
+        claims["email"] = email
     return jwt.encode(claims, secret, algorithm="HS256")

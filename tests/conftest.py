@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import itertools
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import asyncpg
-import httpx
-import jwt
 import pytest
-from litestar import Litestar
 
 from app.config import Settings, load_settings
 from app.db.embedded import EmbeddedPostgres
 from app.db.migrate import upgrade
 from app.main import create_app
-from tests.stripe_fake import FakeStripe, start_fake_stripe
+from tests.fixtures.app import TEST_SECRET, AppFactory, Client
+from tests.fixtures.stripe import FakeStripe, start_fake_stripe
 
-TEST_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 TEMPLATE = "payguard_template"
 _db_numbers = itertools.count(1)
 
@@ -100,17 +96,6 @@ def settings_for(db_url: str, stripe: FakeStripe) -> Callable[..., Settings]:
     return build
 
 
-class Client(httpx.AsyncClient):
-    """An HTTP client that drives the ASGI app in the test's own event loop (real concurrency)."""
-
-    def __init__(self, app: Litestar) -> None:
-        super().__init__(transport=httpx.ASGITransport(app=app), base_url="http://testserver", timeout=120)
-        self.app = app
-
-
-AppFactory = Callable[..., Awaitable[Client]]
-
-
 @pytest.fixture
 async def make_client(settings_for: Callable[..., Settings], db_url: str) -> AsyncIterator[AppFactory]:
     """Build the app with setting overrides and open an in-process client on it."""
@@ -131,43 +116,3 @@ async def make_client(settings_for: Callable[..., Settings], db_url: str) -> Asy
 @pytest.fixture
 async def client(make_client: AppFactory) -> Client:
     return await make_client()
-
-
-def token(
-    user: str, *, admin: bool = False, secret: str = TEST_SECRET, ttl: int = 3600, **claims: Any
-) -> str:
-    now = int(time.time())
-    body: dict[str, Any] = {"sub": user, "iat": now, "exp": now + ttl, **claims}
-    if admin:
-        body["role"] = "admin"
-    return jwt.encode(body, secret, algorithm="HS256")
-
-
-def auth(user: str, *, admin: bool = False, key: str | None = None) -> dict[str, str]:
-    headers = {"Authorization": f"Bearer {token(user, admin=admin)}"}
-    if key is not None:
-        headers["Idempotency-Key"] = key
-    return headers
-
-
-ADMIN = "admin-1"
-
-
-async def grant(client: Client, user: str, credits: int, key: str | None = None) -> None:
-    r = await client.post(
-        "/admin/credits/grants",
-        json={"user_id": user, "credits": credits, "reason": "test funds"},
-        headers=auth(ADMIN, admin=True, key=key or f"grant-{user}-{credits}-{time.monotonic_ns()}"),
-    )
-    assert r.status_code == 201, r.text
-
-
-async def create_lead(client: Client, price: int = 10, title: str = "lead") -> int:
-    r = await client.post(
-        "/admin/leads",
-        json={"title": title, "price_credits": price, "details": {"phone": "+1 555 0100"}},
-        headers=auth(ADMIN, admin=True),
-    )
-    assert r.status_code == 201, r.text
-    lead_id: int = r.json()["id"]
-    return lead_id

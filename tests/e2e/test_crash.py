@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.test_serve import cli_token, free_port, start, stop, wait_ready
-from tests.stripe_fake import FakeStripe
+from tests.fixtures.serve import cli_token, free_port, start, stop, wait_ready
+from tests.fixtures.stripe import FakeStripe
 
 
 def test_killed_between_stripe_and_commit_then_retried_creates_one_intent(

@@ -3,69 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import asyncpg
 import httpx
-import psutil
 
 from app.db.embedded import EmbeddedPostgres
-
-PAYGUARD = [sys.executable, "-c", "from app.cli import main; main()"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(data_dir: Path, port: int, **extra_env: str) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYGUARD_", "DATABASE_URL", "STRIPE_"))}
-    env["PAYGUARD_DATA_DIR"] = str(data_dir)
-    env.update(extra_env)
-    return subprocess.Popen([*PAYGUARD, "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE)
-
-
-def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "exited"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("payguard serve never became ready")
-
-
-def cli_token(data_dir: Path, *args: str) -> str:
-    env = {**os.environ, "PAYGUARD_DATA_DIR": str(data_dir)}
-    env.pop("PAYGUARD_JWT_SECRET", None)
-    return subprocess.check_output([*PAYGUARD, "token", *args], env=env, text=True).strip()
-
-
-def postgres_running(data_dir: Path) -> bool:
-    return any(
-        p.info["name"] == "postgres" and str(data_dir / "pgdata") in " ".join(p.info["cmdline"] or [])
-        for p in psutil.process_iter(["name", "cmdline"])
-    )
-
-
-def stop(proc: subprocess.Popen[bytes], data_dir: Path) -> None:
-    """SIGTERM, as Kubernetes sends it; the embedded PostgreSQL must stop with the service."""
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while postgres_running(data_dir) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not postgres_running(data_dir), "SIGTERM must stop the embedded PostgreSQL"
+from tests.fixtures.serve import PAYGUARD, cli_token, free_port, start, stop, wait_ready
 
 
 def test_serve_from_an_empty_data_dir_then_restart_with_the_data(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import TEST_SECRET, AppFactory, Client, token
+from tests.fixtures.app import TEST_SECRET, AppFactory, Client, token
 
 
 def bearer(tok: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ import pytest
 
 from app.credits import service as credits
 from app.credits.service import PaymentMismatch
-from tests.conftest import ADMIN, Client, auth, grant
+from tests.fixtures.app import ADMIN, Client, auth, grant
 
 
 async def test_packages_come_from_settings(make_client) -> None:  # type: ignore[no-untyped-def]

@@ -22,7 +22,7 @@ import httpx
 import jwt
 import pytest
 
-from tests.conftest import ADMIN, TEST_SECRET, Client, auth, create_lead, grant, token
+from tests.fixtures.app import ADMIN, TEST_SECRET, Client, auth, create_lead, grant, token
 
 USER = "u1"
 SQL = "'; DROP TABLE leads; --"

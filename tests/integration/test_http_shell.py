@@ -6,7 +6,7 @@ import asyncpg
 from litestar import get
 
 from app.main import create_app
-from tests.conftest import AppFactory, Client, auth, create_lead, grant
+from tests.fixtures.app import AppFactory, Client, auth, create_lead, grant
 
 
 async def test_routing_errors_are_problems(client: Client) -> None:

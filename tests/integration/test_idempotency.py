@@ -8,8 +8,8 @@ from typing import Any
 import asyncpg
 
 from app.payments.gateway import PaymentGateway, PaymentIntent
-from tests.conftest import AppFactory, Client, auth, create_lead, grant
-from tests.stripe_fake import FakeStripe
+from tests.fixtures.app import AppFactory, Client, auth, create_lead, grant
+from tests.fixtures.stripe import FakeStripe
 
 PURCHASE = "/v1/credits/purchases"
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import asyncpg
 
-from tests.conftest import AppFactory, Client, auth, create_lead, grant
+from tests.fixtures.app import AppFactory, Client, auth, create_lead, grant
 
 
 async def test_two_hundred_funded_buyers_race_for_one_lead(

@@ -7,7 +7,7 @@ from collections import Counter
 
 import asyncpg
 
-from tests.conftest import AppFactory, auth, create_lead, grant
+from tests.fixtures.app import AppFactory, auth, create_lead, grant
 
 
 async def test_lead_purchases_are_limited_per_user_with_retry_after(

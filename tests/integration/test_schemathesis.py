@@ -36,7 +36,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import Case, GenerationMode
 
-from tests.conftest import ADMIN, AppFactory, Client, create_lead, grant, token
+from tests.fixtures.app import ADMIN, AppFactory, Client, create_lead, grant, token
 
 USER = "fuzz-user"
 # per operation and generation mode: JSON bodies are a much larger space than a few query parameters
