@@ -72,6 +72,12 @@ class PaymentProviderError(ServiceError):
     status, type, title = 502, "payment-provider-error", "The payment provider failed"
 
 
+class PaymentKeyConflict(ServiceError):
+    """Stripe answered `idempotency_error`: our key was used with other parameters. Never retried."""
+
+    status, type, title = 502, "payment-provider-conflict", "The payment provider refused the purchase"
+
+
 class DatabaseTimeout(ServiceError):
     status, type, title = 503, "database-timeout", "The database did not answer in time"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -41,19 +41,32 @@ async def _admin(pg: EmbeddedPostgres) -> asyncpg.Connection:
 
 
 @pytest.fixture
-async def db_url(pg: EmbeddedPostgres, template_db: str) -> AsyncIterator[str]:
-    name = f"test_{next(_db_numbers)}"
+async def new_database(pg: EmbeddedPostgres, template_db: str) -> AsyncIterator[Callable[[], Awaitable[str]]]:
+    """Make fresh migrated databases on the session's server; all are dropped after the test."""
+    made: list[str] = []
+
+    async def make() -> str:
+        name = f"test_{next(_db_numbers)}"
+        conn = await _admin(pg)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        finally:
+            await conn.close()
+        made.append(name)
+        return pg.url(name)
+
+    yield make
     conn = await _admin(pg)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        for name in made:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
-    yield pg.url(name)
-    conn = await _admin(pg)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+
+
+@pytest.fixture
+async def db_url(new_database: Callable[[], Awaitable[str]]) -> str:
+    return await new_database()
 
 
 @pytest.fixture

@@ -1,9 +1,17 @@
 from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy import BigInteger, CheckConstraint, DateTime, Index, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db.base import Base
+from app.db.base import Base, one_of
+
+
+class PurchaseStatus(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
 
 
 class CreditAccount(Base):
@@ -40,7 +48,7 @@ class CreditPurchase(Base):
     __tablename__ = "credit_purchases"
     __table_args__ = (
         CheckConstraint("credits > 0 AND amount > 0", name="positive"),
-        CheckConstraint("status IN ('pending', 'succeeded', 'failed', 'canceled')", name="status_known"),
+        CheckConstraint(one_of("status", PurchaseStatus), name="status_known"),
         Index("ix_credit_purchases_user_id", "user_id"),
     )
 
@@ -51,7 +59,10 @@ class CreditPurchase(Base):
     credits: Mapped[int] = mapped_column(BigInteger)
     amount: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=PurchaseStatus.PENDING)
+    # sent to Stripe with the intent's creation: random, so unique across every database that shares
+    # the Stripe account (a per-database sequence would collide within Stripe's 24 h key window)
+    stripe_idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
     payment_intent_id: Mapped[str | None] = mapped_column(String(255), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

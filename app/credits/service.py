@@ -8,20 +8,28 @@ ledger's unique `reference` lets each source event apply once only.
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.context import Caller
-from app.credits.models import CreditAccount, CreditPurchase, LedgerEntry
+from app.credits.models import CreditAccount, CreditPurchase, LedgerEntry, PurchaseStatus
 from app.credits.schemas import GrantOut, LedgerItem, LedgerPage, Package, PurchaseOut
 from app.idempotency import service as keys
-from app.idempotency.service import Claim, Finish, KeyedRequest, MoveTo, Result, step
-from app.observability.metrics import CREDITS_GRANTED, PURCHASES
+from app.idempotency.service import Finish, Key, KeyedRequest, MoveTo, Phases, RecoveryPoint, Result, step
+from app.observability.metrics import (
+    CREDITS_GRANTED,
+    PURCHASES,
+    CreditReason,
+    PurchaseKind,
+    PurchaseOutcome,
+)
 from app.pagination import page, parse_cursor
-from app.problems import NotFound, ServiceError
+from app.problems import NotFound, PaymentKeyConflict, ServiceError
 from app.ratelimit import service as ratelimit
+from app.ratelimit.service import RateAction
 from app.services import Services
 
 log = logging.getLogger("payguard.credits")
@@ -87,80 +95,102 @@ async def purchase_credits(
 ) -> Result:
     """Buy a credit package: creates exactly one PaymentIntent per Idempotency-Key.
 
-    Phases: `started` records the purchase; `purchase_created` asks Stripe for the
-    intent with a key derived from the purchase id and stores it. A crash between
-    the Stripe call and our commit resumes at `purchase_created`, and Stripe
-    answers the repeated call with the same intent.
+    Phases: `started` records the purchase with a random Stripe idempotency key;
+    `purchase_created` asks Stripe for the intent with that key and stores it. A
+    crash between the Stripe call and our commit resumes at `purchase_created`,
+    and Stripe answers the repeated call with the same intent.
     """
-    settings = services.settings
     keys.check_key(request.key, required=True)
     services.payments.require()
-    package = settings.package(package_id)
-    if package is None:
+    if services.settings.package(package_id) is None:
         raise NotFound(f"no credit package {package_id!r}", package_id=package_id)
+    try:
+        result = await keys.run(services, request, {"package_id": package_id}, PURCHASE_PHASES)
+    except ServiceError as exc:
+        if exc.status >= 500:
+            PURCHASES.labels(PurchaseKind.CREDITS, PurchaseOutcome.FAILED).inc()
+        raise
+    if not result.replayed:
+        outcome = PurchaseOutcome.CREATED if result.status < 400 else PurchaseOutcome.FAILED
+        PURCHASES.labels(PurchaseKind.CREDITS, outcome).inc()
+    return result
 
-    async def started(claim: Claim | None) -> MoveTo | Finish:
-        assert claim is not None
-        await ratelimit.hit(
-            services.sessions,
-            "credit_purchase",
-            caller.user_id,
-            settings.rate_credit_purchases,
-            settings.rate_window_s,
+
+async def _record_purchase(services: Services, key: Key) -> MoveTo | Finish:
+    """started: the purchase row, with the Stripe key every later call for it will carry."""
+    settings = services.settings
+    package = settings.package(key.params["package_id"])
+    if package is None:  # removed from the settings since the request was accepted
+        raise NotFound(f"no credit package {key.params['package_id']!r}")
+    await ratelimit.hit(
+        services.sessions,
+        RateAction.CREDIT_PURCHASE,
+        key.user_id,
+        settings.rate_credit_purchases,
+        settings.rate_window_s,
+    )
+    async with step(services.sessions, key) as st:
+        await st.conn.execute(
+            insert(CreditPurchase).values(
+                user_id=key.user_id,
+                idempotency_key_id=key.id,
+                package_id=package.id,
+                credits=package.credits,
+                amount=package.amount,
+                currency=package.currency,
+                status=PurchaseStatus.PENDING,
+                stripe_idempotency_key=f"payguard-credit-purchase-{uuid.uuid4()}",
+            )
         )
-        async with step(services.sessions, claim) as st:
-            await st.conn.execute(
-                insert(CreditPurchase).values(
-                    user_id=caller.user_id,
-                    idempotency_key_id=claim.key_id,
-                    package_id=package.id,
-                    credits=package.credits,
-                    amount=package.amount,
-                    currency=package.currency,
-                    status="pending",
-                )
-            )
-            return await st.move("purchase_created")
+        return await st.move(RecoveryPoint.PURCHASE_CREATED)
 
-    async def purchase_created(claim: Claim | None) -> MoveTo | Finish:
-        assert claim is not None
-        async with services.sessions() as session:
-            purchase = await session.scalar(
-                select(CreditPurchase).where(CreditPurchase.idempotency_key_id == claim.key_id)
-            )
-        assert purchase is not None
+
+async def _create_intent(services: Services, key: Key) -> MoveTo | Finish:
+    """purchase_created: one PaymentIntent at Stripe, whatever happened to earlier attempts."""
+    async with services.sessions() as session:
+        purchase = await session.scalar(
+            select(CreditPurchase).where(CreditPurchase.idempotency_key_id == key.id)
+        )
+    assert purchase is not None
+    try:
         intent = await services.payments.create_payment_intent(
             amount=purchase.amount,
             currency=purchase.currency,
-            metadata={"payguard_credit_purchase_id": str(purchase.id), "payguard_user_id": caller.user_id},
-            idempotency_key=f"payguard-credit-purchase-{purchase.id}",
+            metadata={"payguard_credit_purchase_id": str(purchase.id), "payguard_user_id": purchase.user_id},
+            idempotency_key=purchase.stripe_idempotency_key,
         )
-        async with step(services.sessions, claim) as st:
+    except PaymentKeyConflict as exc:
+        # final: a retry would get the same refusal from Stripe, so the answer is stored
+        async with step(services.sessions, key) as st:
             await st.conn.execute(
                 update(CreditPurchase)
                 .where(CreditPurchase.id == purchase.id)
-                .values(payment_intent_id=intent.id, updated_at=func.now())
+                .values(status=PurchaseStatus.FAILED, updated_at=func.now())
             )
-            out = PurchaseOut(
-                purchase_id=purchase.id,
-                payment_intent_id=intent.id,
-                client_secret=intent.client_secret,
-                status=purchase.status,
-                credits=purchase.credits,
-                amount=purchase.amount,
-                currency=purchase.currency,
-            )
-            return await st.finish(201, out)
+            return await st.finish(exc.status, exc.problem())
+    async with step(services.sessions, key) as st:
+        await st.conn.execute(
+            update(CreditPurchase)
+            .where(CreditPurchase.id == purchase.id)
+            .values(payment_intent_id=intent.id, updated_at=func.now())
+        )
+        out = PurchaseOut(
+            purchase_id=purchase.id,
+            payment_intent_id=intent.id,
+            client_secret=intent.client_secret,
+            status=purchase.status,
+            credits=purchase.credits,
+            amount=purchase.amount,
+            currency=purchase.currency,
+        )
+        return await st.finish(201, out)
 
-    result = await keys.run(
-        services.sessions,
-        request,
-        {"started": started, "purchase_created": purchase_created},
-        settings.idempotency_lock_timeout_s,
-    )
-    if not result.replayed:
-        PURCHASES.labels("credits", "created").inc()
-    return result
+
+# public for the completer of abandoned keys (the cleanup job)
+PURCHASE_PHASES: Phases = {
+    RecoveryPoint.STARTED: _record_purchase,
+    RecoveryPoint.PURCHASE_CREATED: _create_intent,
+}
 
 
 @dataclass(frozen=True)
@@ -189,11 +219,11 @@ async def grant_purchased_credits(
         if purchase is None:
             raise NotFound(f"no credit purchase for payment intent {payment_intent_id}")
         if (purchase.amount, purchase.currency) != (amount, currency.lower()):
-            PURCHASES.labels("credits", "mismatch").inc()
+            PURCHASES.labels(PurchaseKind.CREDITS, PurchaseOutcome.MISMATCH).inc()
             raise PaymentMismatch(
                 f"intent paid {amount} {currency}, purchase expects {purchase.amount} {purchase.currency}"
             )
-        if purchase.status == "succeeded":
+        if purchase.status == PurchaseStatus.SUCCEEDED:
             balance = await session.scalar(
                 select(CreditAccount.balance).where(CreditAccount.user_id == purchase.user_id)
             )
@@ -205,10 +235,10 @@ async def grant_purchased_credits(
             reason=f"purchase of package {purchase.package_id}",
             reference=f"payment_intent:{payment_intent_id}",
         )
-        purchase.status = "succeeded"
+        purchase.status = PurchaseStatus.SUCCEEDED
         purchase.updated_at = func.now()
-    PURCHASES.labels("credits", "succeeded").inc()
-    CREDITS_GRANTED.labels("purchase").inc(purchase.credits)
+    PURCHASES.labels(PurchaseKind.CREDITS, PurchaseOutcome.SUCCEEDED).inc()
+    CREDITS_GRANTED.labels(CreditReason.PURCHASE).inc(purchase.credits)
     return PaymentGrant(purchase.id, purchase.user_id, purchase.credits, balance, True)
 
 
@@ -217,25 +247,23 @@ async def grant_credits(
 ) -> Result:
     """Admin grant: one ledger entry per Idempotency-Key."""
     keys.check_key(request.key, required=True)
-
-    async def started(claim: Claim | None) -> MoveTo | Finish:
-        assert claim is not None
-        async with step(services.sessions, claim) as st:
-            entry_id, balance = await apply_ledger_entry(
-                st.conn,
-                user_id=user_id,
-                delta=credits,
-                reason=reason,
-                reference=f"grant:{claim.key_id}",
-            )
-            return await st.finish(201, GrantOut(entry_id, balance))
-
-    result = await keys.run(
-        services.sessions, request, {"started": started}, services.settings.idempotency_lock_timeout_s
-    )
+    params = {"user_id": user_id, "credits": credits, "reason": reason}
+    result = await keys.run(services, request, params, {RecoveryPoint.STARTED: _grant})
     if not result.replayed:
-        CREDITS_GRANTED.labels("admin").inc(credits)
+        CREDITS_GRANTED.labels(CreditReason.ADMIN).inc(credits)
     return result
+
+
+async def _grant(services: Services, key: Key) -> Finish:
+    async with step(services.sessions, key) as st:
+        entry_id, balance = await apply_ledger_entry(
+            st.conn,
+            user_id=key.params["user_id"],
+            delta=key.params["credits"],
+            reason=key.params["reason"],
+            reference=f"grant:{key.id}",
+        )
+        return await st.finish(201, GrantOut(entry_id, balance))
 
 
 async def get_balance(services: Services, user_id: str) -> int:

@@ -1,5 +1,7 @@
 """The declarative base every domain's models share (one metadata, one migration history)."""
 
+from enum import StrEnum
+
 from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase
 
@@ -10,6 +12,11 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+def one_of(column: str, enum: type[StrEnum]) -> str:
+    """The CHECK text that keeps a status column within its enum's values."""
+    return f"{column} IN (" + ", ".join(f"'{v}'" for v in enum) + ")"
 
 
 class Base(DeclarativeBase):

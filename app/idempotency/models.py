@@ -1,4 +1,6 @@
 from datetime import datetime
+from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -11,9 +13,18 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base
+
+
+class RecoveryPoint(StrEnum):
+    """Where a keyed request resumes: each point is the start of one atomic phase."""
+
+    STARTED = "started"
+    PURCHASE_CREATED = "purchase_created"  # credit purchase row committed; Stripe not yet answered
+    FINISHED = "finished"  # the response is stored; a retry replays it
 
 
 class IdempotencyKey(Base):
@@ -32,7 +43,9 @@ class IdempotencyKey(Base):
     request_method: Mapped[str] = mapped_column(String(10))
     request_path: Mapped[str] = mapped_column(String(2048))
     request_fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of method, path, body
-    recovery_point: Mapped[str] = mapped_column(String(64), default="started")
+    # what the phases need to run without the client (a completer can finish an abandoned key)
+    request_params: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    recovery_point: Mapped[str] = mapped_column(String(64), default=RecoveryPoint.STARTED)
     # a takeover bumps the token; a phase commits only while the token is still its own
     fencing_token: Mapped[int] = mapped_column(Integer, default=1)
     locked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

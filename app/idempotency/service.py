@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from sqlalchemy import CursorResult, delete, func, select, text, update
+from sqlalchemy import CursorResult, bindparam, delete, func, select, text, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from app.idempotency.models import IdempotencyKey as K
-from app.observability.metrics import IDEMPOTENCY
+from app.idempotency.models import RecoveryPoint as RecoveryPoint  # re-exported for the domains
+from app.observability.metrics import IDEMPOTENCY, IdempotencyOutcome
 from app.problems import (
     IdempotencyKeyInUse,
     IdempotencyKeyInvalid,
@@ -31,10 +33,10 @@ from app.problems import (
     IdempotencyKeyRequired,
     ServiceError,
 )
+from app.services import Services
 
 log = logging.getLogger("payguard.idempotency")
 
-STARTED = "started"
 MAX_KEY_LENGTH = 255
 
 
@@ -53,17 +55,23 @@ class KeyedRequest:
 
 
 @dataclass(frozen=True)
-class Claim:
-    """This request's hold on a key; None-claims run the same phases without a key."""
+class Key:
+    """A request's hold on its key, and everything its phases need to run without the client.
 
-    key_id: int
+    A request sent without an Idempotency-Key runs the same phases under a Key with no id:
+    nothing is recorded and no fence is checked.
+    """
+
+    id: int | None
     token: int
-    recovery_point: str
+    user_id: str
+    recovery_point: RecoveryPoint
+    params: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
 class MoveTo:
-    recovery_point: str
+    recovery_point: RecoveryPoint
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,9 @@ class Result:
 
 
 Outcome = MoveTo | Finish
-Phase = Callable[[Claim | None], Awaitable[Outcome]]
+# a phase is a plain function of (services, key): a completer can run it from the key's row alone
+Phase = Callable[[Services, Key], Awaitable[Outcome]]
+Phases = Mapping[RecoveryPoint, Phase]
 Sessions = async_sessionmaker[AsyncSession]
 
 
@@ -105,20 +115,26 @@ class Step:
     unit of work, which keeps the money paths cheap in CPU (docs/performance.md).
     """
 
-    def __init__(self, conn: AsyncConnection, claim: Claim | None) -> None:
+    def __init__(self, conn: AsyncConnection, key: Key) -> None:
         self.conn = conn
-        self._claim = claim
+        self._key = key
 
-    async def move(self, recovery_point: str) -> MoveTo:
-        if self._claim is not None:
-            await self.conn.execute(_MOVE, {"point": recovery_point, "key_id": self._claim.key_id})
+    async def move(self, recovery_point: RecoveryPoint) -> MoveTo:
+        if self._key.id is not None:
+            await self.conn.execute(_MOVE, {"point": recovery_point, "key_id": self._key.id})
         return MoveTo(recovery_point)
 
     async def finish(self, status: int, body: Any) -> Finish:
         encoded = msgspec.json.encode(body)
-        if self._claim is not None:
+        if self._key.id is not None:
             await self.conn.execute(
-                _FINISH, {"status": status, "body": encoded.decode(), "key_id": self._claim.key_id}
+                _FINISH,
+                {
+                    "status": status,
+                    "body": encoded.decode(),
+                    "point": RecoveryPoint.FINISHED,
+                    "key_id": self._key.id,
+                },
             )
         return Finish(status, encoded)
 
@@ -129,75 +145,78 @@ _FENCE = text("SELECT id FROM idempotency_keys WHERE id = :key_id AND fencing_to
 _MOVE = text("UPDATE idempotency_keys SET recovery_point = :point WHERE id = :key_id")
 _FINISH = text(
     "UPDATE idempotency_keys SET response_status = :status, response_body = :body,"
-    " recovery_point = 'finished', locked_at = NULL WHERE id = :key_id"
+    " recovery_point = :point, locked_at = NULL WHERE id = :key_id"
 )
 _INSERT_KEY = text(
     "INSERT INTO idempotency_keys (user_id, key, request_method, request_path, request_fingerprint,"
-    " recovery_point, fencing_token, locked_at)"
-    " VALUES (:user_id, :key, :method, :path, :fingerprint, :point, 1, now())"
+    " request_params, recovery_point, fencing_token, locked_at)"
+    " VALUES (:user_id, :key, :method, :path, :fingerprint, :params, :point, 1, now())"
     " ON CONFLICT (user_id, key) DO NOTHING RETURNING id"
-)
+).bindparams(bindparam("params", type_=JSONB))
 
 
 @asynccontextmanager
-async def step(sessions: Sessions, claim: Claim | None) -> AsyncIterator[Step]:
+async def step(sessions: Sessions, key: Key) -> AsyncIterator[Step]:
     """Open a phase's transaction; fail with FencedOut if the key is no longer ours."""
     async with sessions() as session, session.begin():
         conn = await session.connection()
-        if claim is not None:
-            held = await conn.scalar(_FENCE, {"key_id": claim.key_id, "token": claim.token})
+        if key.id is not None:
+            held = await conn.scalar(_FENCE, {"key_id": key.id, "token": key.token})
             if held is None:
                 raise FencedOut
-        yield Step(conn, claim)
+        yield Step(conn, key)
 
 
-async def run(
-    sessions: Sessions, request: KeyedRequest, phases: Mapping[str, Phase], lock_timeout_s: float
-) -> Result:
+async def run(services: Services, request: KeyedRequest, params: Mapping[str, Any], phases: Phases) -> Result:
     """Run `phases` under the request's key: replay, conflict, or execute from the recovery point.
 
+    `params` is what the phases read (JSON); it is stored with the key, so a retry, or a
+    completer without the client, runs the same phases on the same input.
     Typed 4xx errors raised by a phase are stored as the key's response (replayed
     like a success); 429, 5xx and unexpected errors are not stored and release the
     key so the client's retry resumes at the last recovery point.
     """
     if request.key is None:
-        return await _drive(sessions, None, phases, STARTED)
-    claim = await _acquire(sessions, request, lock_timeout_s)
-    if isinstance(claim, Result):
-        return claim
-    return await _drive(sessions, claim, phases, claim.recovery_point)
+        key: Key | Result = Key(None, 0, request.user_id, RecoveryPoint.STARTED, params)
+    else:
+        key = await _acquire(services, request, params)
+    if isinstance(key, Result):
+        return key
+    return await _drive(services, key, phases)
 
 
-async def _drive(sessions: Sessions, claim: Claim | None, phases: Mapping[str, Phase], point: str) -> Result:
+async def _drive(services: Services, key: Key, phases: Phases) -> Result:
+    point = key.recovery_point
     try:
         while True:
-            outcome = await phases[point](claim)
+            outcome = await phases[point](services, key)
             if isinstance(outcome, Finish):
                 return Result(outcome.status, outcome.body)
             point = outcome.recovery_point
     except FencedOut:
-        IDEMPOTENCY.labels("fenced_out").inc()
+        IDEMPOTENCY.labels(IdempotencyOutcome.FENCED_OUT).inc()
         raise IdempotencyKeyInUse(
             "a retry with this Idempotency-Key took over while this request was stalled"
         ) from None
     except ServiceError as exc:
-        if claim is None or not exc.final or exc.status >= 500:
-            await _release(sessions, claim)
+        if key.id is None or not exc.final or exc.status >= 500:
+            await _release(services.sessions, key)
             raise
         try:
-            async with step(sessions, claim) as st:
+            async with step(services.sessions, key) as st:
                 await st.finish(exc.status, exc.problem())
         except FencedOut:
-            IDEMPOTENCY.labels("fenced_out").inc()
+            IDEMPOTENCY.labels(IdempotencyOutcome.FENCED_OUT).inc()
         raise
     except BaseException:
-        await _release(sessions, claim)
+        await _release(services.sessions, key)
         raise
 
 
-async def _acquire(sessions: Sessions, req: KeyedRequest, lock_timeout_s: float) -> Claim | Result:
+async def _acquire(services: Services, req: KeyedRequest, params: Mapping[str, Any]) -> Key | Result:
     fingerprint = req.fingerprint()
-    async with sessions() as session, session.begin():
+    lock_timeout_s = services.settings.idempotency_lock_timeout_s
+    async with services.sessions() as session, session.begin():
         key_id = await session.scalar(
             _INSERT_KEY,
             {
@@ -206,16 +225,16 @@ async def _acquire(sessions: Sessions, req: KeyedRequest, lock_timeout_s: float)
                 "method": req.method,
                 "path": req.path,
                 "fingerprint": fingerprint,
-                "point": STARTED,
+                "params": params,
+                "point": RecoveryPoint.STARTED,
             },
         )
         if key_id is not None:
-            return Claim(key_id, 1, STARTED)
+            return Key(key_id, 1, req.user_id, RecoveryPoint.STARTED, params)
 
-        lock_live = K.locked_at > func.now() - func.make_interval(0, 0, 0, 0, 0, 0, lock_timeout_s)
         row = (
             await session.execute(
-                select(K, lock_live.label("lock_live"))
+                select(K, _lock_live(lock_timeout_s))
                 .where(K.user_id == req.user_id, K.key == req.key)
                 .with_for_update()
             )
@@ -228,38 +247,72 @@ async def _acquire(sessions: Sessions, req: KeyedRequest, lock_timeout_s: float)
             req.path,
             fingerprint,
         ):
-            IDEMPOTENCY.labels("mismatch").inc()
+            IDEMPOTENCY.labels(IdempotencyOutcome.MISMATCH).inc()
             raise IdempotencyKeyMismatch(
                 "this Idempotency-Key was used for a different request; use a new key",
                 first_request=f"{key.request_method} {key.request_path}",
             )
         if key.response_status is not None:
-            IDEMPOTENCY.labels("replayed").inc()
+            IDEMPOTENCY.labels(IdempotencyOutcome.REPLAYED).inc()
             return Result(key.response_status, (key.response_body or "").encode(), replayed=True)
         if live:
-            IDEMPOTENCY.labels("in_use").inc()
+            IDEMPOTENCY.labels(IdempotencyOutcome.IN_USE).inc()
             raise IdempotencyKeyInUse("a request with this Idempotency-Key is still in progress")
-        if key.locked_at is not None:
-            IDEMPOTENCY.labels("takeover").inc()
-            log.warning("taking over a stale idempotency key", extra={"key_id": key.id})
-        key.fencing_token += 1
-        key.locked_at = func.now()
-        key.last_run_at = func.now()
-        await session.flush()
-        return Claim(key.id, key.fencing_token, key.recovery_point)
+        return await _take(session, key)
 
 
-async def _release(sessions: Sessions, claim: Claim | None) -> None:
+def _lock_live(lock_timeout_s: float) -> Any:
+    return (K.locked_at > func.now() - func.make_interval(0, 0, 0, 0, 0, 0, lock_timeout_s)).label(
+        "lock_live"
+    )
+
+
+async def _take(session: AsyncSession, key: K) -> Key:
+    """Hold a key that nobody holds (or whose holder's lock went stale): bump its fencing token."""
+    if key.locked_at is not None:
+        IDEMPOTENCY.labels(IdempotencyOutcome.TAKEOVER).inc()
+        log.warning("taking over a stale idempotency key", extra={"key_id": key.id})
+    key.fencing_token += 1
+    key.locked_at = func.now()
+    key.last_run_at = func.now()
+    await session.flush()
+    # the stored parameters, not this request's: a resumed key runs on what it started with
+    point = RecoveryPoint(key.recovery_point)
+    return Key(key.id, key.fencing_token, key.user_id, point, key.request_params)
+
+
+async def complete_abandoned(services: Services, key_id: int, phases: Phases) -> Result | None:
+    """Finish a key its client gave up on, from the key's row alone (rocket-rides' completer).
+
+    Taken over exactly as a retry would take it (only once its lock is stale, with a new
+    fencing token), then driven from its recovery point. None when the key is finished,
+    gone, or still held by a live request.
+    """
+    async with services.sessions() as session, session.begin():
+        row = (
+            await session.execute(
+                select(K, _lock_live(services.settings.idempotency_lock_timeout_s))
+                .where(K.id == key_id)
+                .with_for_update()
+            )
+        ).first()
+        if row is None or row[0].response_status is not None or row.lock_live:
+            return None
+        key = await _take(session, row[0])
+    return await _drive(services, key, phases)
+
+
+async def _release(sessions: Sessions, key: Key) -> None:
     """Unlock after a failure we did not store, so the client may retry at once."""
-    if claim is None:
+    if key.id is None:
         return
     try:
         async with sessions() as session, session.begin():
             await session.execute(
-                update(K).where(K.id == claim.key_id, K.fencing_token == claim.token).values(locked_at=None)
+                update(K).where(K.id == key.id, K.fencing_token == key.token).values(locked_at=None)
             )
     except Exception:  # the lock then expires after the lock timeout instead
-        log.exception("could not release idempotency key", extra={"key_id": claim.key_id})
+        log.exception("could not release idempotency key", extra={"key_id": key.id})
 
 
 async def prune_expired_keys(sessions: Sessions, retention_s: int) -> int:

@@ -9,8 +9,8 @@ from sqlalchemy import insert, select, text
 from app.context import Caller
 from app.credits import service as credits
 from app.idempotency import service as keys
-from app.idempotency.service import Claim, Finish, KeyedRequest, MoveTo, Result, step
-from app.leads.models import Lead, LeadPurchase
+from app.idempotency.service import Finish, Key, KeyedRequest, RecoveryPoint, Result, step
+from app.leads.models import Lead, LeadPurchase, LeadStatus
 from app.leads.schemas import (
     LeadCreated,
     LeadItem,
@@ -20,10 +20,11 @@ from app.leads.schemas import (
     PurchasedLeadPage,
 )
 from app.notifications import service as notifications
-from app.observability.metrics import PURCHASES
+from app.observability.metrics import PURCHASES, PurchaseKind, PurchaseOutcome
 from app.pagination import page, parse_cursor
 from app.problems import NotFound, ServiceError
 from app.ratelimit import service as ratelimit
+from app.ratelimit.service import RateAction
 from app.services import Services
 
 
@@ -34,7 +35,7 @@ class LeadUnavailable(ServiceError):
 # prebuilt SQL on the hot path (docs/performance.md)
 _LOCK_LEAD = text("SELECT price_credits, status, title FROM leads WHERE id = :lead_id FOR UPDATE")
 _SELL_LEAD = text(
-    "UPDATE leads SET status = 'sold', buyer_id = :buyer_id, sold_at = now() WHERE id = :lead_id"
+    "UPDATE leads SET status = :sold, buyer_id = :buyer_id, sold_at = now() WHERE id = :lead_id"
 )
 _RECORD_SALE = text(
     "INSERT INTO lead_purchases (lead_id, user_id, price_credits, ledger_entry_id)"
@@ -46,20 +47,24 @@ async def create_lead(
     services: Services, request: KeyedRequest, *, title: str, price_credits: int, details: dict[str, Any]
 ) -> Result:
     keys.check_key(request.key, required=False)
+    params = {"title": title, "price_credits": price_credits, "details": details}
+    return await keys.run(services, request, params, {RecoveryPoint.STARTED: _insert_lead})
 
-    async def started(claim: Claim | None) -> MoveTo | Finish:
-        async with step(services.sessions, claim) as st:
-            lead_id = await st.conn.scalar(
-                insert(Lead)
-                .values(title=title, price_credits=price_credits, details=details, status="available")
-                .returning(Lead.id)
+
+async def _insert_lead(services: Services, key: Key) -> Finish:
+    async with step(services.sessions, key) as st:
+        lead_id = await st.conn.scalar(
+            insert(Lead)
+            .values(
+                title=key.params["title"],
+                price_credits=key.params["price_credits"],
+                details=key.params["details"],
+                status=LeadStatus.AVAILABLE,
             )
-            assert lead_id is not None
-            return await st.finish(201, LeadCreated(lead_id, "available"))
-
-    return await keys.run(
-        services.sessions, request, {"started": started}, services.settings.idempotency_lock_timeout_s
-    )
+            .returning(Lead.id)
+        )
+        assert lead_id is not None
+        return await st.finish(201, LeadCreated(lead_id, LeadStatus.AVAILABLE))
 
 
 async def purchase_lead(services: Services, caller: Caller, request: KeyedRequest, lead_id: int) -> Result:
@@ -68,68 +73,70 @@ async def purchase_lead(services: Services, caller: Caller, request: KeyedReques
     Lock order (key, lead, account) is the same in every use case, so racing
     buyers queue on the lead row instead of deadlocking.
     """
-    settings = services.settings
     keys.check_key(request.key, required=True)
-
-    async def started(claim: Claim | None) -> MoveTo | Finish:
-        await ratelimit.hit(
-            services.sessions,
-            "lead_purchase",
-            caller.user_id,
-            settings.rate_lead_purchases,
-            settings.rate_window_s,
-        )
-        async with step(services.sessions, claim) as st:
-            conn = st.conn
-            lead = (await conn.execute(_LOCK_LEAD, {"lead_id": lead_id})).first()
-            if lead is None:
-                raise NotFound(f"no lead {lead_id}")
-            if lead.status != "available":
-                raise LeadUnavailable(f"lead {lead_id} has been sold")
-            entry_id, balance = await credits.apply_ledger_entry(
-                conn,
-                user_id=caller.user_id,
-                delta=-lead.price_credits,
-                reason=f"purchase of lead {lead_id}",
-                reference=f"lead_purchase:{lead_id}",
-            )
-            await conn.execute(_SELL_LEAD, {"lead_id": lead_id, "buyer_id": caller.user_id})
-            purchase_id = await conn.scalar(
-                _RECORD_SALE,
-                {
-                    "lead_id": lead_id,
-                    "user_id": caller.user_id,
-                    "price_credits": lead.price_credits,
-                    "ledger_entry_id": entry_id,
-                },
-            )
-            assert purchase_id is not None
-            await notifications.enqueue_email(
-                conn,
-                kind="lead_purchased",
-                user_id=caller.user_id,
-                recipient=caller.email,
-                payload={"lead_id": lead_id, "purchase_id": purchase_id, "title": lead.title},
-                max_attempts=settings.email_max_attempts,
-            )
-            out = LeadPurchaseOut(purchase_id, lead_id, lead.price_credits, balance)
-            return await st.finish(201, out)
-
+    params = {"lead_id": lead_id, "recipient": caller.email}
     try:
-        result = await keys.run(
-            services.sessions, request, {"started": started}, settings.idempotency_lock_timeout_s
-        )
+        result = await keys.run(services, request, params, {RecoveryPoint.STARTED: _sell_lead})
     except ServiceError as exc:
-        PURCHASES.labels("lead", "rejected" if exc.status < 500 else "failed").inc()
+        outcome = PurchaseOutcome.REJECTED if exc.status < 500 else PurchaseOutcome.FAILED
+        PURCHASES.labels(PurchaseKind.LEAD, outcome).inc()
         raise
     if not result.replayed:
-        PURCHASES.labels("lead", "succeeded").inc()
+        PURCHASES.labels(PurchaseKind.LEAD, PurchaseOutcome.SUCCEEDED).inc()
     return result
+
+
+async def _sell_lead(services: Services, key: Key) -> Finish:
+    """started: lock the lead, debit, mark it sold, record the sale and its email, in one transaction."""
+    settings = services.settings
+    lead_id: int = key.params["lead_id"]
+    await ratelimit.hit(
+        services.sessions,
+        RateAction.LEAD_PURCHASE,
+        key.user_id,
+        settings.rate_lead_purchases,
+        settings.rate_window_s,
+    )
+    async with step(services.sessions, key) as st:
+        conn = st.conn
+        lead = (await conn.execute(_LOCK_LEAD, {"lead_id": lead_id})).first()
+        if lead is None:
+            raise NotFound(f"no lead {lead_id}")
+        if lead.status != LeadStatus.AVAILABLE:
+            raise LeadUnavailable(f"lead {lead_id} has been sold")
+        entry_id, balance = await credits.apply_ledger_entry(
+            conn,
+            user_id=key.user_id,
+            delta=-lead.price_credits,
+            reason=f"purchase of lead {lead_id}",
+            reference=f"lead_purchase:{lead_id}",
+        )
+        await conn.execute(_SELL_LEAD, {"lead_id": lead_id, "buyer_id": key.user_id, "sold": LeadStatus.SOLD})
+        purchase_id = await conn.scalar(
+            _RECORD_SALE,
+            {
+                "lead_id": lead_id,
+                "user_id": key.user_id,
+                "price_credits": lead.price_credits,
+                "ledger_entry_id": entry_id,
+            },
+        )
+        assert purchase_id is not None
+        await notifications.enqueue_email(
+            conn,
+            kind=notifications.EmailKind.LEAD_PURCHASED,
+            user_id=key.user_id,
+            recipient=key.params["recipient"],
+            payload={"lead_id": lead_id, "purchase_id": purchase_id, "title": lead.title},
+            max_attempts=settings.email_max_attempts,
+        )
+        out = LeadPurchaseOut(purchase_id, lead_id, lead.price_credits, balance)
+        return await st.finish(201, out)
 
 
 async def list_available_leads(services: Services, cursor: str | None, limit: int) -> LeadPage:
     after = parse_cursor(cursor)
-    query = select(Lead).where(Lead.status == "available")
+    query = select(Lead).where(Lead.status == LeadStatus.AVAILABLE)
     if after is not None:
         query = query.where(Lead.id > after)
     async with services.sessions() as session:

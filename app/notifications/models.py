@@ -1,11 +1,18 @@
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import BigInteger, CheckConstraint, DateTime, Index, Integer, String, Text, func
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db.base import Base
+from app.db.base import Base, one_of
+
+
+class EmailStatus(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
 
 
 class OutboxEmail(Base):
@@ -13,8 +20,10 @@ class OutboxEmail(Base):
 
     __tablename__ = "outbox_emails"
     __table_args__ = (
-        CheckConstraint("status IN ('pending', 'sent', 'dead')", name="status_known"),
-        Index("ix_outbox_emails_due", "next_attempt_at", postgresql_where="status = 'pending'"),
+        CheckConstraint(one_of("status", EmailStatus), name="status_known"),
+        Index(
+            "ix_outbox_emails_due", "next_attempt_at", postgresql_where=f"status = '{EmailStatus.PENDING}'"
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -22,7 +31,7 @@ class OutboxEmail(Base):
     user_id: Mapped[str] = mapped_column(String(255))
     recipient: Mapped[str | None] = mapped_column(String(320))
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=EmailStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from app.notifications.models import EmailStatus
+
+
+class EmailKind(StrEnum):
+    LEAD_PURCHASED = "lead_purchased"
+
+
 _ENQUEUE = text(
     "INSERT INTO outbox_emails (kind, user_id, recipient, payload, status, attempts, max_attempts,"
-    " trace_context) VALUES (:kind, :user_id, :recipient, :payload, 'pending', 0, :max_attempts,"
+    " trace_context) VALUES (:kind, :user_id, :recipient, :payload, :status, 0, :max_attempts,"
     " :trace_context) RETURNING id"
 ).bindparams(bindparam("payload", type_=JSONB), bindparam("trace_context", type_=JSONB))
 
@@ -18,7 +26,7 @@ _ENQUEUE = text(
 async def enqueue_email(
     session: AsyncSession | AsyncConnection,
     *,
-    kind: str,
+    kind: EmailKind,
     user_id: str,
     recipient: str | None,
     payload: dict[str, Any],
@@ -33,6 +41,7 @@ async def enqueue_email(
             "user_id": user_id,
             "recipient": recipient,
             "payload": payload,
+            "status": EmailStatus.PENDING,
             "max_attempts": max_attempts,
             "trace_context": trace_context or {},
         },

@@ -2,7 +2,41 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from prometheus_client import Counter, Histogram
+
+
+class PurchaseKind(StrEnum):
+    CREDITS = "credits"
+    LEAD = "lead"
+
+
+class PurchaseOutcome(StrEnum):
+    CREATED = "created"  # a PaymentIntent exists; credits come when it succeeds
+    SUCCEEDED = "succeeded"
+    REJECTED = "rejected"  # a business 4xx: unavailable, insufficient credits, not found
+    FAILED = "failed"  # 5xx, or the provider refused the purchase for good
+    MISMATCH = "mismatch"  # paid amount or currency differs from the purchase
+
+
+class IdempotencyOutcome(StrEnum):
+    REPLAYED = "replayed"
+    IN_USE = "in_use"
+    MISMATCH = "mismatch"
+    TAKEOVER = "takeover"
+    FENCED_OUT = "fenced_out"
+
+
+class CreditReason(StrEnum):
+    PURCHASE = "purchase"
+    ADMIN = "admin"
+
+
+class StripeOutcome(StrEnum):
+    OK = "ok"
+    ERROR = "error"
+
 
 HTTP_REQUESTS = Counter(
     "payguard_http_requests_total", "HTTP requests by route and status", ["method", "route", "status"]
@@ -15,12 +49,12 @@ HTTP_LATENCY = Histogram(
 )
 PURCHASES = Counter(
     "payguard_purchases_total",
-    "Purchases by kind (credits, lead) and outcome (created, succeeded, rejected, failed)",
+    "Purchases by kind (PurchaseKind) and outcome (PurchaseOutcome)",
     ["kind", "outcome"],
 )
 IDEMPOTENCY = Counter(
     "payguard_idempotency_total",
-    "Idempotency-Key outcomes: replayed, in_use, mismatch, takeover, fenced_out",
+    "Idempotency-Key outcomes (IdempotencyOutcome)",
     ["outcome"],
 )
 RATE_LIMITED = Counter("payguard_rate_limited_total", "Requests refused by a rate limit", ["action"])

@@ -9,10 +9,11 @@ import msgspec
 import stripe
 
 from app.config import Settings
-from app.observability.metrics import STRIPE_REQUESTS
-from app.problems import PaymentProviderError, PaymentsNotConfigured
+from app.observability.metrics import STRIPE_REQUESTS, StripeOutcome
+from app.problems import PaymentKeyConflict, PaymentProviderError, PaymentsNotConfigured
 
 log = logging.getLogger("payguard.payments")
+_CREATE_INTENT = "create_payment_intent"  # the operation label of STRIPE_REQUESTS
 
 
 class PaymentIntent(msgspec.Struct, frozen=True):
@@ -60,8 +61,19 @@ class PaymentGateway:
             intent = await client.v1.payment_intents.create_async(
                 params, {"idempotency_key": idempotency_key}
             )
+        except stripe.IdempotencyError as exc:
+            STRIPE_REQUESTS.labels(_CREATE_INTENT, StripeOutcome.ERROR).inc()
+            # our key names another request at Stripe: resending can never succeed, it is a bug to fix
+            log.error(
+                "stripe refused our idempotency key: it was used with other parameters",
+                extra={"stripe_idempotency_key": idempotency_key, "stripe_request_id": exc.request_id},
+            )
+            raise PaymentKeyConflict(
+                "the payment provider refused this purchase; it was logged for us to fix."
+                " Start a new purchase with a new Idempotency-Key"
+            ) from exc
         except stripe.StripeError as exc:
-            STRIPE_REQUESTS.labels("create_payment_intent", "error").inc()
+            STRIPE_REQUESTS.labels(_CREATE_INTENT, StripeOutcome.ERROR).inc()
             # the message may echo request data; the code and request id are enough to trace it
             log.warning(
                 "stripe create_payment_intent failed",
@@ -70,7 +82,7 @@ class PaymentGateway:
             raise PaymentProviderError(
                 "Stripe did not create the payment intent; retry with the same Idempotency-Key"
             ) from exc
-        STRIPE_REQUESTS.labels("create_payment_intent", "ok").inc()
+        STRIPE_REQUESTS.labels(_CREATE_INTENT, StripeOutcome.OK).inc()
         return PaymentIntent(
             id=intent.id,
             client_secret=intent.client_secret or "",

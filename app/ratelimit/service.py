@@ -8,6 +8,7 @@ request. A request is allowed when pushing the TAT one emission interval
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 
 from sqlalchemy import delete, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -15,6 +16,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.observability.metrics import RATE_LIMITED
 from app.problems import RateLimited
 from app.ratelimit.models import RateLimitBucket
+
+
+class RateAction(StrEnum):
+    """Each action has its own bucket per user, so one kind of traffic never starves another."""
+
+    CREDIT_PURCHASE = "credit_purchase"
+    LEAD_PURCHASE = "lead_purchase"
+
 
 _ADMIT = text(
     """
@@ -37,7 +46,7 @@ _WAIT = text(
 
 
 async def hit(
-    sessions: async_sessionmaker[AsyncSession], action: str, user_id: str, limit: int, window_s: int
+    sessions: async_sessionmaker[AsyncSession], action: RateAction, user_id: str, limit: int, window_s: int
 ) -> None:
     """Count one request of `action` by `user_id`; raise RateLimited past `limit` per window."""
     params = {"key": f"{action}:{user_id}", "interval": window_s / limit, "window": window_s}

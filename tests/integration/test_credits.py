@@ -8,6 +8,7 @@ import asyncpg
 import pytest
 
 from app.credits import service as credits
+from app.credits.models import PurchaseStatus
 from app.credits.service import PaymentMismatch
 from tests.fixtures.app import ADMIN, Client, auth, grant
 
@@ -81,7 +82,7 @@ async def test_paid_package_credits_are_granted_exactly_once(client: Client, db:
     assert {r.balance for r in results} == {500}
     assert await db.fetchval("SELECT balance FROM credit_accounts WHERE user_id = 'u1'") == 500
     assert await db.fetchval("SELECT count(*) FROM credit_ledger") == 1
-    assert await db.fetchval("SELECT status FROM credit_purchases") == "succeeded"
+    assert await db.fetchval("SELECT status FROM credit_purchases") == PurchaseStatus.SUCCEEDED
     ledger = (await client.get("/v1/credits/ledger", headers=auth("u1"))).json()["items"]
     assert ledger[0]["reference"] == f"payment_intent:{intent_id}"
 
@@ -99,7 +100,7 @@ async def test_grant_refuses_a_payment_that_does_not_match(client: Client, db: a
             services, payment_intent_id=intent_id, amount=4500, currency="eur"
         )
     assert await db.fetchval("SELECT count(*) FROM credit_ledger") == 0
-    assert await db.fetchval("SELECT status FROM credit_purchases") == "pending"
+    assert await db.fetchval("SELECT status FROM credit_purchases") == PurchaseStatus.PENDING
 
 
 async def test_balance_can_never_go_negative_even_in_sql(db: asyncpg.Connection) -> None:

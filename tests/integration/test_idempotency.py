@@ -7,6 +7,7 @@ from typing import Any
 
 import asyncpg
 
+from app.idempotency.models import RecoveryPoint
 from app.payments.gateway import PaymentGateway, PaymentIntent
 from tests.fixtures.app import AppFactory, Client, auth, create_lead, grant
 from tests.fixtures.stripe import FakeStripe
@@ -211,3 +212,41 @@ async def test_prune_removes_keys_past_retention(client: Client, db: asyncpg.Con
     services = client.app.state.services
     assert await prune_expired_keys(services.sessions, services.settings.idempotency_retention_s) == 1
     assert await db.fetchval("SELECT array_agg(key) FROM idempotency_keys") == ["new"]
+
+
+async def test_an_abandoned_purchase_is_completed_from_its_key_row_without_the_client(
+    client: Client, stripe: FakeStripe, db: asyncpg.Connection
+) -> None:
+    from app.credits.service import PURCHASE_PHASES
+    from app.idempotency.service import complete_abandoned
+
+    services = client.app.state.services
+    object.__setattr__(services, "payments", CrashAfterStripe(services.payments))
+    assert (await buy(client, "u1", "gone")).status_code == 500  # the client never comes back
+    key_id = await db.fetchval("SELECT id FROM idempotency_keys")
+    assert await db.fetchval("SELECT recovery_point FROM idempotency_keys") == RecoveryPoint.PURCHASE_CREATED
+
+    done = await complete_abandoned(services, key_id, PURCHASE_PHASES)
+    assert done is not None and done.status == 201
+    assert len(stripe.intents) == 1  # the same Stripe key: the intent Stripe already made
+    row = await db.fetchrow("SELECT payment_intent_id, user_id FROM credit_purchases")
+    assert row["payment_intent_id"] == next(iter(stripe.intents)) and row["user_id"] == "u1"
+    assert await complete_abandoned(services, key_id, PURCHASE_PHASES) is None  # finished: nothing to do
+    late = await buy(client, "u1", "gone")  # if the client does come back, it sees the same purchase
+    assert late.headers["idempotent-replayed"] == "true" and late.content == done.body
+
+
+async def test_a_key_held_by_a_live_request_is_not_completed(client: Client, db: asyncpg.Connection) -> None:
+    from app.credits.service import PURCHASE_PHASES
+    from app.idempotency.service import complete_abandoned
+
+    await db.execute(
+        "INSERT INTO idempotency_keys (user_id, key, request_method, request_path, request_fingerprint,"
+        " request_params, recovery_point, fencing_token, locked_at)"
+        " VALUES ('u1', 'k', 'POST', '/v1/credits/purchases', 'f', '{\"package_id\": \"starter\"}', $1, 1, now())",
+        RecoveryPoint.STARTED,
+    )
+    key_id = await db.fetchval("SELECT id FROM idempotency_keys")
+    assert await complete_abandoned(client.app.state.services, key_id, PURCHASE_PHASES) is None
+    assert await db.fetchval("SELECT fencing_token FROM idempotency_keys") == 1
+    assert await db.fetchval("SELECT count(*) FROM credit_purchases") == 0
