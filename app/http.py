@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Annotated, Any
 
+import asyncpg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.params import QueryParameter
@@ -12,8 +14,8 @@ from sqlalchemy import exc as sa_exc
 
 from app.auth import Authenticator
 from app.context import Caller
-from app.observability.metrics import DB_TIMEOUTS
-from app.problems import PROBLEM_JSON, DatabaseTimeout, ServiceError, problem
+from app.observability.metrics import DB_TIMEOUTS, DB_UNAVAILABLE
+from app.problems import PROBLEM_JSON, DatabaseTimeout, DatabaseUnavailable, ServiceError, problem
 
 log = logging.getLogger("payguard.http")
 
@@ -33,6 +35,10 @@ _SLUGS = {
     429: ("rate-limited", "Too many requests"),
 }
 _TIMEOUT_SQLSTATES = {"57014", "55P03"}  # statement timeout / query canceled, lock not available
+# besides class 08 (connection exception): admin shutdown, crash shutdown, cannot connect now
+_GONE_SQLSTATES = {"57P01", "57P02", "57P03"}
+DB_UNAVAILABLE_RETRY_AFTER_S = 5  # long enough for a restart or failover to make progress
+_DB_CLIENT_MODULES = ("sqlalchemy.", "asyncpg.")
 
 
 class PayguardRequest(Request[Any, Any, Any]):
@@ -78,6 +84,8 @@ def on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response
 def on_database_error(_: Request[Any, Any, Any], exc: sa_exc.DBAPIError) -> Response[Any]:
     if getattr(exc.orig, "sqlstate", None) in _TIMEOUT_SQLSTATES:
         return _database_timeout(exc)
+    if database_unreachable(exc):
+        return _database_unavailable(exc)
     return _internal_error(exc)
 
 
@@ -92,7 +100,52 @@ def _database_timeout(exc: Exception) -> Response[Any]:
     return _problem_response(err.problem(), err.headers)
 
 
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says the database could not be reached or dropped the connection (not a bug of ours)."""
+    if isinstance(exc, sa_exc.DisconnectionError):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        return exc.connection_invalidated or any(_connection_lost(e) for e in _causes(exc.orig))
+    # the pool lets errors of a failed connect through unwrapped: only those raised by the driver count
+    return _connection_lost(exc) and _raised_by_database_client(exc)
+
+
+def _causes(exc: BaseException | None) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.InterfaceError):  # also raised for misuse, which is a bug of ours
+        return "connection is closed" in str(exc)
+    if isinstance(exc, OSError):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and (
+        sqlstate.startswith("08") or sqlstate in _GONE_SQLSTATES
+    )
+
+
+def _raised_by_database_client(exc: BaseException) -> bool:
+    return any(
+        str(frame.f_globals.get("__name__", "")).startswith(_DB_CLIENT_MODULES)
+        for frame, _ in traceback.walk_tb(exc.__traceback__)
+    )
+
+
+def _database_unavailable(exc: Exception) -> Response[Any]:
+    DB_UNAVAILABLE.inc()
+    log.warning("database unavailable", extra={"error": type(exc).__name__})
+    err = DatabaseUnavailable("the database cannot be reached; retry shortly", DB_UNAVAILABLE_RETRY_AFTER_S)
+    return _problem_response(err.problem(), err.headers)
+
+
 def on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    if database_unreachable(exc):
+        return _database_unavailable(exc)
     return _internal_error(exc)
 
 

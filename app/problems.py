@@ -84,3 +84,12 @@ class DatabaseTimeout(ServiceError):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.headers = {"Retry-After": "1"}
+
+
+class DatabaseUnavailable(ServiceError):
+    status, type, title = 503, "database-unavailable", "The database is unavailable"
+    final = False
+
+    def __init__(self, detail: str, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after_s)}

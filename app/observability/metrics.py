@@ -59,6 +59,9 @@ IDEMPOTENCY = Counter(
 )
 RATE_LIMITED = Counter("payguard_rate_limited_total", "Requests refused by a rate limit", ["action"])
 DB_TIMEOUTS = Counter("payguard_db_timeouts_total", "Statement, lock or pool timeouts")
+DB_UNAVAILABLE = Counter(
+    "payguard_db_unavailable_total", "Requests refused because the database could not be reached"
+)
 STRIPE_REQUESTS = Counter(
     "payguard_stripe_requests_total", "Calls to Stripe by operation and outcome", ["operation", "outcome"]
 )

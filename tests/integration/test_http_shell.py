@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
+
 import asyncpg
+import pytest
 from litestar import get
 
 from app.main import create_app
@@ -120,3 +125,79 @@ async def test_a_lock_timeout_is_a_503_and_releases_the_key(
     assert "payguard_db_timeouts_total 0.0" not in metrics
     retry = await client.post(f"/v1/leads/{lead}/purchase", headers=auth("u1", key="slow"))
     assert retry.status_code == 201
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port  # closed again: connecting is refused
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+asyncpg://postgres@/payguard?host=/nonexistent-socket-dir",
+        f"postgresql+asyncpg://postgres@127.0.0.1:{_closed_port()}/payguard",
+    ],
+    ids=["no-socket", "refused"],
+)
+async def test_an_unreachable_database_is_a_503_on_every_endpoint(
+    client: Client, url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = Client(create_app(client.app.state.services.settings, url))
+    before = _metric((await dead.get("/metrics")).text, "payguard_db_unavailable_total")
+    requests = [
+        ("GET", "/v1/credits/balance", auth("u1"), None),
+        ("GET", "/v1/leads", auth("u1"), None),
+        ("POST", "/v1/leads/1/purchase", auth("u1", key="k1"), None),
+        ("POST", "/admin/leads", auth("a", admin=True), {"title": "t", "price_credits": 1}),
+    ]
+    with caplog.at_level(logging.WARNING):
+        for method, path, headers, body in requests:
+            r = await dead.request(method, path, headers=headers, json=body)
+            assert r.status_code == 503, r.text
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert r.json()["type"] == "database-unavailable"
+            assert int(r.headers["retry-after"]) >= 1
+    assert not [rec for rec in caplog.records if rec.exc_info], "a refused request logged a traceback"
+    warnings = [rec for rec in caplog.records if rec.getMessage() == "database unavailable"]
+    assert len(warnings) == len(requests)
+    after = _metric((await dead.get("/metrics")).text, "payguard_db_unavailable_total")
+    assert after - before == len(requests)
+    ready = await dead.get("/health/ready")
+    assert ready.status_code == 503 and ready.json()["database"] == "unreachable"
+    await dead.aclose()
+
+
+async def test_a_connection_killed_mid_request_is_a_503(client: Client, db: asyncpg.Connection) -> None:
+    lead = await create_lead(client, price=1)
+    await grant(client, "u1", 5)
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM leads WHERE id = $1 FOR UPDATE", lead)  # the purchase waits here
+        purchase = asyncio.create_task(client.post(f"/v1/leads/{lead}/purchase", headers=auth("u1", key="k")))
+        waiting: list[int] = []
+        for _ in range(200):
+            waiting = [
+                row["pid"]
+                for row in await db.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'payguard'"
+                    " AND datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ]
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting, "the purchase never waited for the lead's lock"
+        for pid in waiting:
+            await db.execute("SELECT pg_terminate_backend($1)", pid)
+        r = await purchase
+    assert r.status_code == 503, r.text
+    assert r.json()["type"] == "database-unavailable"
+    assert r.headers["retry-after"]
+    retry = await client.post(f"/v1/leads/{lead}/purchase", headers=auth("u1", key="k"))
+    assert retry.status_code == 201, retry.text
