@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import time
@@ -14,8 +15,12 @@ from app.config import ConfigError, Settings
 from app.context import Caller
 from app.problems import ServiceError
 
+log = logging.getLogger("payguard.auth")
+
 SECRET_FILE = "jwt_secret"
 MAX_TOKEN_BYTES = 8192
+JWKS_TIMEOUT_S = 5.0  # PyJWT waits 30 s by default, holding the request and a thread that long
+JWKS_RETRY_AFTER_S = 5
 
 
 class NotAuthenticated(ServiceError):
@@ -28,6 +33,17 @@ class NotAuthenticated(ServiceError):
 
 class Forbidden(ServiceError):
     status, type, title = 403, "forbidden", "Not allowed"
+
+
+class AuthUnavailable(ServiceError):
+    """The key set cannot be fetched: the token may well be valid, so the client should retry, not log in."""
+
+    status, type, title = 503, "auth-unavailable", "Authentication is unavailable"
+    final = False
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(JWKS_RETRY_AFTER_S)}
 
 
 def resolve_jwt_secret(settings: Settings) -> str | None:
@@ -52,7 +68,26 @@ class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._secret = resolve_jwt_secret(settings)
-        self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True) if settings.jwks_url else None
+        self._jwks = (
+            jwt.PyJWKClient(settings.jwks_url, cache_keys=True, timeout=JWKS_TIMEOUT_S)
+            if settings.jwks_url
+            else None
+        )
+
+    @property
+    def uses_key_set(self) -> bool:
+        return self._jwks is not None
+
+    async def key_set_reachable(self) -> bool:
+        """Whether the key set can be had (from the cache, or fetched); True without a JWKS URL."""
+        if self._jwks is None:
+            return True
+        try:
+            await asyncio.to_thread(self._jwks.get_jwk_set)
+        except jwt.PyJWTError as exc:
+            log.warning("key set unavailable", extra={"error": type(exc).__name__})
+            return False
+        return True
 
     async def caller(self, authorization: str | None) -> Caller:
         if not authorization:
@@ -77,6 +112,9 @@ class Authenticator:
                 leeway=self._settings.jwt_leeway_s,
                 options={"require": ["sub", "exp"]},
             )
+        except jwt.PyJWKClientConnectionError:
+            log.warning("key set unreachable: cannot verify bearer tokens")
+            raise AuthUnavailable("the key set to verify tokens cannot be fetched; retry shortly") from None
         except (jwt.PyJWTError, ValueError) as exc:
             raise NotAuthenticated(f"invalid bearer token: {type(exc).__name__}") from None
         sub, role, email = claims.get("sub"), claims.get("role"), claims.get("email")

@@ -1,7 +1,10 @@
-from litestar import Response, get
+from typing import Any
+
+from litestar import Request, Response, get
 from litestar.di import NamedDependency
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.auth import Authenticator
 from app.health import service
 from app.services import Services
 
@@ -12,10 +15,16 @@ async def live() -> dict[str, str]:
 
 
 @get("/health/ready", tags=["health"])
-async def ready(services: NamedDependency[Services]) -> Response[dict[str, str]]:
-    if await service.database_ready(services):
-        return Response({"status": "ok"})
-    return Response({"status": "unavailable", "database": "unreachable"}, status_code=503)
+async def ready(
+    request: Request[Any, Any, Any], services: NamedDependency[Services]
+) -> Response[dict[str, str]]:
+    auth: Authenticator = request.app.state.auth
+    checks = {"database": "ok" if await service.database_ready(services) else "unreachable"}
+    if auth.uses_key_set:  # without its keys no bearer token can be verified
+        checks["jwks"] = "ok" if await auth.key_set_reachable() else "unreachable"
+    if all(state == "ok" for state in checks.values()):
+        return Response({"status": "ok", **checks})
+    return Response({"status": "unavailable", **checks}, status_code=503)
 
 
 @get("/metrics", tags=["health"], include_in_schema=False)

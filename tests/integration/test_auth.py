@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -98,3 +99,38 @@ async def test_rs256_tokens_verified_against_jwks(make_client: AppFactory, jwks:
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     forged = jwt.encode({"sub": "u9", "exp": now + 60}, other, algorithm="RS256", headers={"kid": "k1"})
     assert (await client.get("/v1/credits/balance", headers=bearer(forged))).status_code == 401
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port  # closed again: connecting is refused
+
+
+async def test_an_unreachable_key_set_is_a_503_not_a_401(
+    make_client: AppFactory, jwks: tuple[str, Any]
+) -> None:
+    _, key = jwks
+    client = await make_client(jwt_secret=None, jwks_url=f"http://127.0.0.1:{_closed_port()}/jwks.json")
+    good = jwt.encode(
+        {"sub": "u9", "exp": int(time.time()) + 60}, key, algorithm="RS256", headers={"kid": "k1"}
+    )
+    r = await client.get("/v1/credits/balance", headers=bearer(good))
+    assert r.status_code == 503, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["type"] == "auth-unavailable"
+    assert int(r.headers["retry-after"]) >= 1
+    # a token that could never be valid is still a 401, key set or not
+    assert (await client.get("/v1/credits/balance", headers=bearer("not.a.jwt"))).status_code == 401
+    ready = await client.get("/health/ready")
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "unavailable", "database": "ok", "jwks": "unreachable"}
+
+
+async def test_readiness_checks_the_key_set(make_client: AppFactory, jwks: tuple[str, Any]) -> None:
+    url, _ = jwks
+    client = await make_client(jwt_secret=None, jwks_url=url)
+    ready = await client.get("/health/ready")
+    assert ready.status_code == 200, ready.text
+    assert ready.json() == {"status": "ok", "database": "ok", "jwks": "ok"}
