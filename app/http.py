@@ -8,8 +8,10 @@ from typing import Annotated, Any
 
 import asyncpg
 from litestar import Request, Response
+from litestar.connection.base import empty_receive, empty_send
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.params import QueryParameter
+from litestar.types import Receive, ReceiveMessage, Scope, Send
 from sqlalchemy import exc as sa_exc
 
 from app.auth import Authenticator
@@ -34,6 +36,7 @@ _SLUGS = {
     422: ("unprocessable", "Unprocessable request"),
     429: ("rate-limited", "Too many requests"),
 }
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for it, so dashboards and 5xx alerts tell it apart
 _TIMEOUT_SQLSTATES = {"57014", "55P03"}  # statement timeout / query canceled, lock not available
 # besides class 08 (connection exception): admin shutdown, crash shutdown, cannot connect now
 _GONE_SQLSTATES = {"57P01", "57P02", "57P03"}
@@ -41,7 +44,22 @@ DB_UNAVAILABLE_RETRY_AFTER_S = 5  # long enough for a restart or failover to mak
 _DB_CLIENT_MODULES = ("sqlalchemy.", "asyncpg.")
 
 
+class ClientDisconnected(HTTPException):
+    """The client went away before sending its whole request: nobody to answer, nothing of ours broke."""
+
+    status_code = CLIENT_CLOSED_REQUEST
+
+
 class PayguardRequest(Request[Any, Any, Any]):
+    def __init__(self, scope: Scope, receive: Receive = empty_receive, send: Send = empty_send) -> None:
+        async def receive_or_raise() -> ReceiveMessage:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected("the client disconnected before sending the whole request")
+            return message
+
+        super().__init__(scope, receive_or_raise, send)
+
     async def json(self) -> Any:
         # Litestar turns msgspec.DecodeError into a 400, but not these two
         try:
@@ -70,6 +88,9 @@ def on_service_error(_: Request[Any, Any, Any], exc: ServiceError) -> Response[A
 
 def on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     status = exc.status_code
+    if isinstance(exc, ClientDisconnected):  # the access log line and the metric record it
+        body = problem(status, "client-closed-request", "Client closed request", exc.detail)
+        return _problem_response(body)
     if status >= 500:
         return _internal_error(exc)
     if isinstance(exc, ValidationException):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import Any
 
 import asyncpg
 import pytest
@@ -201,3 +202,56 @@ async def test_a_connection_killed_mid_request_is_a_503(client: Client, db: asyn
     assert r.headers["retry-after"]
     retry = await client.post(f"/v1/leads/{lead}/purchase", headers=auth("u1", key="k"))
     assert retry.status_code == 201, retry.text
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of one labelled sample in Prometheus text, 0 when absent."""
+    wanted = name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(wanted + " "))
+
+
+async def test_a_client_that_disconnects_mid_body_is_counted_as_499_not_500(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    counted = {"method": "POST", "route": "/admin/leads"}
+    before = (await client.get("/metrics")).text
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"title": "half a bo', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = {**auth("a", admin=True), "Content-Type": "application/json", "Content-Length": "200"}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/admin/leads",
+        "raw_path": b"/admin/leads",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    with caplog.at_level(logging.INFO):
+        await client.app(scope, receive, send)
+    after = (await client.get("/metrics")).text
+    assert _sample(after, "payguard_http_requests_total", **counted, status="499") == (
+        _sample(before, "payguard_http_requests_total", **counted, status="499") + 1
+    )
+    assert _sample(after, "payguard_http_requests_total", **counted, status="500") == _sample(
+        before, "payguard_http_requests_total", **counted, status="500"
+    )
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
+    [line] = [r for r in caplog.records if r.name == "payguard.http"]
+    assert line.getMessage() == "request" and line.__dict__["status"] == 499
