@@ -3,7 +3,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from app.validation import NO_NUL, reject_nul
+from app.validation import NO_NUL, check_free_json
 
 
 class LeadCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -12,7 +12,7 @@ class LeadCreate(msgspec.Struct, forbid_unknown_fields=True):
     details: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        reject_nul(self.details)
+        check_free_json(self.details)
 
 
 class LeadCreated(msgspec.Struct):

@@ -707,3 +707,31 @@ async def test_odd_email_claims_never_break_a_lead_purchase(
         assert r.status_code == 201
         recipient = await db.fetchval("SELECT recipient FROM outbox_emails ORDER BY id DESC LIMIT 1")
         assert recipient in (email, None)
+
+
+# --- nesting depth of free-form JSON ------------------------------------------------------------
+
+MAX_DETAILS_DEPTH = 32  # docs/api.md: lead details nest at most 32 levels of objects and arrays
+DEPTHS = sorted(
+    {*range(1, 41), *range(900, 1001), *range(40, 900, 37), *range(1000, 1201, 7), 2000, 5000, 20_000}
+)
+
+
+async def test_lead_details_of_any_depth_are_201_or_400_never_5xx(
+    client: Client, db: asyncpg.Connection
+) -> None:
+    """The details object itself is depth 1; each level of arrays inside it adds one."""
+    headers = {**auth(ADMIN, admin=True), "Content-Type": "application/json"}
+    created = 0
+    for depth in DEPTHS:
+        nested = b"[" * (depth - 1) + b"]" * (depth - 1) if depth > 1 else b'"v"'
+        body = b'{"title": "deep", "price_credits": 1, "details": {"k": ' + nested + b"}}"
+        r = await client.post(
+            "/admin/leads", content=body, headers={**headers, "Idempotency-Key": f"depth-{depth}"}
+        )
+        if depth <= MAX_DETAILS_DEPTH:
+            assert r.status_code == 201, (depth, r.text)
+            created += 1
+        else:
+            assert_problem(r, 400)
+    assert await db.fetchval("SELECT count(*) FROM leads") == created
