@@ -43,3 +43,5 @@ def configure_logging(level: str = "INFO") -> None:
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our middleware logs each request once
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # the SDK logs each error's message (which may echo request data) at INFO, and nothing of its own above
+    logging.getLogger("stripe").setLevel(logging.WARNING)
