@@ -94,12 +94,25 @@ def on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response
     if status >= 500:
         return _internal_error(exc)
     if isinstance(exc, ValidationException):
-        errors = exc.extra if isinstance(exc.extra, list) else []
-        body = problem(400, "validation-error", "Invalid request", exc.detail, errors=errors)
+        errors = [_error_without_value(e) for e in exc.extra] if isinstance(exc.extra, list) else []
+        # Litestar's detail repeats the path and query string, secrets and all
+        body = problem(400, "validation-error", "Invalid request", "the request is not valid", errors=errors)
     else:
         slug, title = _SLUGS.get(status, ("client-error", "Client error"))
-        body = problem(status, slug, title, exc.detail or title)
+        body = problem(status, slug, title, _without_values(exc.detail) or title)
     return _problem_response(body, exc.headers)
+
+
+def _without_values(text: str) -> str:
+    """Litestar and msgspec quote the offending value ('…'): keep what precedes it, the reason."""
+    return text.split("'", 1)[0].rstrip(" :")
+
+
+def _error_without_value(error: Any) -> dict[str, Any]:
+    if not isinstance(error, dict):
+        return {"message": "invalid value"}
+    kept = {k: v for k, v in error.items() if k in ("key", "source")}
+    return {"message": _without_values(str(error.get("message", ""))) or "invalid value", **kept}
 
 
 def on_database_error(_: Request[Any, Any, Any], exc: sa_exc.DBAPIError) -> Response[Any]:

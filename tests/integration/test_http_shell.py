@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import asyncpg
 import pytest
 from litestar import get
+from litestar.params import HeaderParameter, QueryParameter
 
 from app.main import create_app
 from tests.fixtures.app import AppFactory, Client, auth, create_lead, grant
@@ -255,3 +256,41 @@ async def test_a_client_that_disconnects_mid_body_is_counted_as_499_not_500(
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
     [line] = [r for r in caplog.records if r.name == "payguard.http"]
     assert line.getMessage() == "request" and line.__dict__["status"] == 499
+
+
+async def test_validation_errors_never_echo_request_values(client: Client) -> None:
+    @get("/echo")
+    async def echo(
+        mode: Annotated[Literal["a", "b"], QueryParameter()],
+        x_mode: Annotated[Literal["a"], HeaderParameter(name="X-Mode")],
+        n: Annotated[int, QueryParameter()] = 1,
+    ) -> None:
+        return None
+
+    client.app.register(echo)
+    r = await client.get(
+        "/echo?mode=query-secret&n=n-secret&token=token-secret", headers={"X-Mode": "header-secret"}
+    )
+    assert r.status_code == 400
+    body = r.json()
+    assert body["type"] == "validation-error"
+    for secret in ("query-secret", "n-secret", "token-secret", "header-secret"):
+        assert secret not in r.text, secret
+    assert {(e["key"], e["source"]) for e in body["errors"]} == {
+        ("mode", "query"),
+        ("x_mode", "header"),
+        ("n", "query"),
+    }
+    assert all(e["message"] for e in body["errors"])
+
+    r = await client.get("/v1/leads?limit=abc&api_key=hunter2", headers=auth("u1"))
+    assert r.status_code == 400 and r.json()["type"] == "validation-error"
+    assert "hunter2" not in r.text
+    assert r.json()["errors"] == [{"message": "Expected `int`, got `str`", "key": "limit", "source": "query"}]
+
+    r = await client.post(
+        "/admin/leads",
+        content=b'{"title": "t", "price_credits": 1}',
+        headers={**auth("a", admin=True), "Content-Type": "application/json", "Content-Length": "hunter2"},
+    )
+    assert r.status_code == 400 and "hunter2" not in r.text
