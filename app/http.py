@@ -7,11 +7,19 @@ import traceback
 from typing import Annotated, Any
 
 import asyncpg
+import msgspec
 from litestar import Request, Response
 from litestar.connection.base import empty_receive, empty_send
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.params import QueryParameter
-from litestar.types import Receive, ReceiveMessage, Scope, Send
+from litestar.types import (
+    ASGIApp,
+    HTTPResponseStartEvent,
+    Receive,
+    ReceiveMessage,
+    Scope,
+    Send,
+)
 from sqlalchemy import exc as sa_exc
 
 from app.auth import Authenticator
@@ -36,6 +44,9 @@ _SLUGS = {
     422: ("unprocessable", "Unprocessable request"),
     429: ("rate-limited", "Too many requests"),
 }
+# uvicorn (httptools) takes headers of any size and number; a browser sends a few KiB
+MAX_HEADER_BYTES = 32 * 1024  # names, values and the ": " and CRLF around them, all headers together
+MAX_HEADER_COUNT = 100
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it, so dashboards and 5xx alerts tell it apart
 _TIMEOUT_SQLSTATES = {"57014", "55P03"}  # statement timeout / query canceled, lock not available
 # besides class 08 (connection exception): admin shutdown, crash shutdown, cannot connect now
@@ -66,6 +77,38 @@ class PayguardRequest(Request[Any, Any, Any]):
             return await super().json()
         except (UnicodeDecodeError, RecursionError):
             raise ValidationException("the request body is not UTF-8 JSON of reasonable depth") from None
+
+
+def refuse_oversized_headers(app: ASGIApp) -> ASGIApp:
+    """Answer 431 to a request whose headers exceed the limits, before routing, auth or a body read."""
+    detail = f"send at most {MAX_HEADER_COUNT} headers of at most {MAX_HEADER_BYTES} bytes in all"
+    body = msgspec.json.encode(
+        problem(431, "request-header-fields-too-large", "Request header fields too large", detail)
+    )
+
+    headers = [
+        (b"content-type", PROBLEM_JSON.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+
+    async def middleware(scope: Any, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            sent: list[tuple[bytes, bytes]] = scope["headers"]
+            size = sum(len(name) + len(value) + 4 for name, value in sent)
+            if len(sent) > MAX_HEADER_COUNT or size > MAX_HEADER_BYTES:
+                # new messages each time: an outer layer may add to them
+                start: HTTPResponseStartEvent = {
+                    "type": "http.response.start",
+                    "status": 431,
+                    "headers": headers,
+                }
+                await send(start)
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+        await app(scope, receive, send)
+
+    return middleware
 
 
 async def provide_caller(request: Request[Any, Any, Any]) -> Caller:

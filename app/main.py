@@ -13,7 +13,13 @@ from app.config import Settings
 from app.credits.routes import CreditsAdminController, CreditsController
 from app.db.engine import create_engine, session_factory
 from app.health.routes import ROUTES as HEALTH_ROUTES
-from app.http import EXCEPTION_HANDLERS, PayguardRequest, provide_admin, provide_caller
+from app.http import (
+    EXCEPTION_HANDLERS,
+    PayguardRequest,
+    provide_admin,
+    provide_caller,
+    refuse_oversized_headers,
+)
 from app.leads.routes import LeadsAdminController, LeadsController
 from app.observability.http import observe_requests
 from app.payments.gateway import PaymentGateway
@@ -63,6 +69,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
     )
     app.state.services = services
     app.state.auth = Authenticator(settings)
-    # outermost layer, so 404s and 405s raised while routing are counted and logged too
-    app.asgi_handler = observe_requests(app.asgi_handler)
+    # outermost layer, so 404s and 405s raised while routing are counted and logged too, and so are
+    # requests refused for their headers before anything else runs
+    app.asgi_handler = observe_requests(refuse_oversized_headers(app.asgi_handler))
     return app

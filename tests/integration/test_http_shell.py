@@ -294,3 +294,40 @@ async def test_validation_errors_never_echo_request_values(client: Client) -> No
         headers={**auth("a", admin=True), "Content-Type": "application/json", "Content-Length": "hunter2"},
     )
     assert r.status_code == 400 and "hunter2" not in r.text
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Big": "v" * 40_000},
+        {f"X-H{i}": "v" for i in range(150)},
+        {f"X-H{i}": "v" * 1000 for i in range(33)},
+    ],
+    ids=["one-40KiB-header", "150-headers", "33-KiB-in-33-headers"],
+)
+async def test_oversized_headers_are_refused_with_431_before_anything_runs(
+    client: Client, db: asyncpg.Connection, headers: dict[str, str]
+) -> None:
+    ids = []
+    for _ in range(2):
+        r = await client.post(
+            "/admin/leads",
+            json={"title": "t", "price_credits": 1},
+            headers={**auth("a", admin=True), **headers},
+        )
+        assert r.status_code == 431, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["type"] == "request-header-fields-too-large" and r.json()["status"] == 431
+        ids.append(r.headers["x-request-id"])
+    assert ids[0] != ids[1] and "," not in ids[1], "each refusal carries its own request id"
+    assert await db.fetchval("SELECT count(*) FROM leads") == 0
+    text = (await client.get("/metrics")).text
+    assert _sample(text, "payguard_http_requests_total", method="POST", route="unmatched", status="431") >= 1
+
+
+async def test_headers_within_the_limits_are_served(client: Client) -> None:
+    many = {f"X-H{i}": "v" * 200 for i in range(90)}  # 90 + httpx's own, about 20 KiB
+    r = await client.post(
+        "/admin/leads", json={"title": "t", "price_credits": 1}, headers={**auth("a", admin=True), **many}
+    )
+    assert r.status_code == 201, r.text
