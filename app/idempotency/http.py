@@ -10,7 +10,7 @@ from litestar.params import HeaderParameter
 
 from app.context import Caller
 from app.idempotency.service import KeyedRequest, Result
-from app.problems import PROBLEM_JSON
+from app.problems import PROBLEM_JSON, IdempotencyKeyInvalid
 
 # documented on every keyed endpoint; the services validate it
 IdempotencyKeyHeader = Annotated[
@@ -27,6 +27,9 @@ def keyed(
     request: Request[Any, Any, Any], caller: Caller, key: str | None, body: msgspec.Struct | None = None
 ) -> KeyedRequest:
     """What an Idempotency-Key is bound to: caller, method, path and the decoded body."""
+    if len(request.headers.getall("idempotency-key", [])) > 1:
+        # which one counts would depend on whoever parses the headers: refuse before anything is stored
+        raise IdempotencyKeyInvalid("send one Idempotency-Key header, not several")
     return KeyedRequest(
         user_id=caller.user_id,
         key=key,

@@ -735,3 +735,28 @@ async def test_lead_details_of_any_depth_are_201_or_400_never_5xx(
         else:
             assert_problem(r, 400)
     assert await db.fetchval("SELECT count(*) FROM leads") == created
+
+
+@pytest.mark.parametrize("endpoint", KEYED_ENDPOINTS)
+@pytest.mark.parametrize("keys", [("dup-a", "dup-b"), ("dup-same", "dup-same")], ids=["different", "same"])
+async def test_duplicate_idempotency_key_headers_are_refused(
+    seeded: tuple[Client, int], db: asyncpg.Connection, endpoint: str, keys: tuple[str, str]
+) -> None:
+    """Two keys make the request ambiguous, whichever one a proxy or framework would pick."""
+    client, lead = seeded
+    req = ENDPOINTS[endpoint]
+    admin = endpoint in ADMIN_ENDPOINTS
+    headers = [
+        ("Authorization", f"Bearer {token(ADMIN if admin else USER, admin=admin)}"),
+        ("Content-Type", "application/json"),
+        *[("Idempotency-Key", key) for key in keys],
+    ]
+    before = await snapshot(db)
+    r = await client.request(
+        req.method,
+        req.path.format_map(_path_vars(lead)),
+        headers=headers,
+        content=json.dumps(req.body).encode() if req.body is not NO_BODY else None,
+    )
+    assert_problem(r, 400, "idempotency-key-invalid")
+    await assert_unchanged(db, before)
