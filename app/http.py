@@ -25,7 +25,14 @@ from sqlalchemy import exc as sa_exc
 from app.auth import Authenticator
 from app.context import Caller
 from app.observability.metrics import DB_TIMEOUTS, DB_UNAVAILABLE
-from app.problems import PROBLEM_JSON, DatabaseTimeout, DatabaseUnavailable, ServiceError, problem
+from app.problems import (
+    PROBLEM_JSON,
+    DatabaseTimeout,
+    DatabaseUnavailable,
+    ServiceError,
+    UnsupportedMediaType,
+    problem,
+)
 
 log = logging.getLogger("payguard.http")
 
@@ -72,6 +79,9 @@ class PayguardRequest(Request[Any, Any, Any]):
         super().__init__(scope, receive_or_raise, send)
 
     async def json(self) -> Any:
+        # called for a body only; a form's (curl -d) or a text's would otherwise be read as JSON
+        if await self.body() and not is_json_media_type(self.headers.get("content-type", "")):
+            raise UnsupportedMediaType("send the body as application/json")
         # Litestar turns msgspec.DecodeError into a 400, but not these two
         try:
             return await super().json()
@@ -109,6 +119,14 @@ def refuse_oversized_headers(app: ASGIApp) -> ASGIApp:
         await app(scope, receive, send)
 
     return middleware
+
+
+def is_json_media_type(content_type: str) -> bool:
+    """application/json or a structured application/…+json type, parameters (charset) aside."""
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
 
 
 async def provide_caller(request: Request[Any, Any, Any]) -> Caller:

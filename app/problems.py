@@ -51,6 +51,10 @@ class IdempotencyKeyMismatch(ServiceError):
     status, type, title = 422, "idempotency-key-mismatch", "Idempotency-Key reused with another request"
 
 
+class UnsupportedMediaType(ServiceError):
+    status, type, title = 415, "unsupported-media-type", "Unsupported media type"
+
+
 class InvalidCursor(ServiceError):
     status, type, title = 400, "invalid-cursor", "Invalid pagination cursor"
 

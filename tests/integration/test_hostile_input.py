@@ -257,7 +257,23 @@ def _body_cases() -> list[Any]:
         cases.append(
             case(f"{name}-oversize-chunked", replace(endpoint, chunked=True), 413, "payload-too-large")
         )
+        # a JSON body under another media type (curl -d sends a form's) is refused, not guessed at
+        for label, content_type in NOT_JSON.items():
+            req = replace(endpoint, headers={"Content-Type": content_type})
+            cases.append(case(f"{name}-content-type-{label}", req, 415, "unsupported-media-type"))
+        req = replace(endpoint, drop=("Content-Type",))
+        cases.append(case(f"{name}-content-type-missing", req, 415, "unsupported-media-type"))
     return cases
+
+
+NOT_JSON = {
+    "form": "application/x-www-form-urlencoded",
+    "multipart": "multipart/form-data; boundary=x",
+    "text": "text/plain",
+    "json-prefix": "application/jsonx",
+    "json-as-parameter": "text/plain; profile=application/json",
+    "empty": "",
+}
 
 
 def _field_cases(
@@ -760,3 +776,22 @@ async def test_duplicate_idempotency_key_headers_are_refused(
     )
     assert_problem(r, 400, "idempotency-key-invalid")
     await assert_unchanged(db, before)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json", "application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json"],
+)
+async def test_json_media_types_are_accepted(client: Client, content_type: str) -> None:
+    r = await client.post(
+        "/admin/leads",
+        content=json.dumps(LEAD_BODY).encode(),
+        headers={**auth(ADMIN, admin=True), "Content-Type": content_type},
+    )
+    assert r.status_code == 201, r.text
+
+
+async def test_a_request_without_a_body_needs_no_content_type(seeded: tuple[Client, int]) -> None:
+    client, lead = seeded
+    r = await client.post(f"/v1/leads/{lead}/purchase", headers=auth(USER, key="no-content-type"))
+    assert r.status_code == 201, r.text
