@@ -10,7 +10,7 @@ import asyncpg
 import msgspec
 from litestar import Request, Response
 from litestar.connection.base import empty_receive, empty_send
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.params import QueryParameter
 from litestar.types import (
     ASGIApp,
@@ -29,6 +29,7 @@ from app.problems import (
     PROBLEM_JSON,
     DatabaseTimeout,
     DatabaseUnavailable,
+    InvalidJson,
     ServiceError,
     UnsupportedMediaType,
     problem,
@@ -82,11 +83,15 @@ class PayguardRequest(Request[Any, Any, Any]):
         # called for a body only; a form's (curl -d) or a text's would otherwise be read as JSON
         if await self.body() and not is_json_media_type(self.headers.get("content-type", "")):
             raise UnsupportedMediaType("send the body as application/json")
-        # Litestar turns msgspec.DecodeError into a 400, but not these two
+        # one answer for every body that does not decode: malformed, not UTF-8, or nested past the decoder
         try:
             return await super().json()
-        except (UnicodeDecodeError, RecursionError):
-            raise ValidationException("the request body is not UTF-8 JSON of reasonable depth") from None
+        except SerializationException as exc:  # Litestar's wrapping of msgspec.DecodeError
+            raise InvalidJson(f"the body is not valid JSON ({exc.__cause__ or 'malformed'})") from None
+        except UnicodeDecodeError:
+            raise InvalidJson("the body is not valid UTF-8") from None
+        except RecursionError:
+            raise InvalidJson("the body nests deeper than the JSON decoder allows") from None
 
 
 def refuse_oversized_headers(app: ASGIApp) -> ASGIApp:

@@ -51,6 +51,10 @@ class IdempotencyKeyMismatch(ServiceError):
     status, type, title = 422, "idempotency-key-mismatch", "Idempotency-Key reused with another request"
 
 
+class InvalidJson(ServiceError):
+    status, type, title = 400, "invalid-json", "The body is not valid JSON"
+
+
 class UnsupportedMediaType(ServiceError):
     status, type, title = 415, "unsupported-media-type", "Unsupported media type"
 

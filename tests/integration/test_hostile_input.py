@@ -231,16 +231,17 @@ def _body_cases() -> list[Any]:
         encoded = json.dumps(valid).encode()
         deep = b"[" * 5000 + b"]" * 5000
         for label, raw, status, type_ in [
-            ("malformed", b"{bad", 400, "bad-request"),
-            ("truncated", encoded[:-1], 400, "bad-request"),
-            ("trailing-garbage", encoded + b" x", 400, "bad-request"),
-            ("byte-order-mark", b"\xef\xbb\xbf" + encoded, 400, "bad-request"),
-            ("single-quotes", encoded.replace(b'"', b"'"), 400, "bad-request"),
-            ("nan", _json_with(valid, b'"x": NaN'), 400, "bad-request"),
-            ("empty", b"", 400, None),
-            ("invalid-utf8", _json_with(valid, b'"x": "\xff\xfe"'), 400, None),
-            ("lone-surrogate", _json_with(valid, b'"x": "\\ud800"'), 400, None),
-            ("deep-nesting", _json_with(valid, b'"x": ' + deep), 400, None),
+            ("malformed", b"{bad", 400, "invalid-json"),
+            ("truncated", encoded[:-1], 400, "invalid-json"),
+            ("trailing-garbage", encoded + b" x", 400, "invalid-json"),
+            ("byte-order-mark", b"\xef\xbb\xbf" + encoded, 400, "invalid-json"),
+            ("single-quotes", encoded.replace(b'"', b"'"), 400, "invalid-json"),
+            ("nan", _json_with(valid, b'"x": NaN'), 400, "invalid-json"),
+            ("empty", b"", 400, "validation-error"),
+            ("invalid-utf8", _json_with(valid, b'"x": "\xff\xfe"'), 400, "invalid-json"),
+            ("invalid-utf8-in-key", _json_with(valid, b'"\xc3": 1'), 400, "invalid-json"),
+            ("lone-surrogate", _json_with(valid, b'"x": "\\ud800"'), 400, "invalid-json"),
+            ("deep-nesting", _json_with(valid, b'"x": ' + deep), 400, "invalid-json"),
         ]:
             cases.append(case(f"{name}-{label}", replace(endpoint, body=NO_BODY, raw=raw), status, type_))
         for label, body, status, type_ in [
