@@ -311,8 +311,11 @@ async def _release(sessions: Sessions, key: Key) -> None:
             await session.execute(
                 update(K).where(K.id == key.id, K.fencing_token == key.token).values(locked_at=None)
             )
-    except Exception:  # the lock then expires after the lock timeout instead
-        log.exception("could not release idempotency key", extra={"key_id": key.id})
+    except Exception as exc:  # the lock then expires after the lock timeout instead
+        # one line, no traceback: the usual cause is the database being gone, already answered as 503
+        log.warning(
+            "could not release idempotency key", extra={"key_id": key.id, "error": type(exc).__name__}
+        )
 
 
 async def prune_expired_keys(sessions: Sessions, retention_s: int) -> int:
