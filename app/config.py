@@ -51,33 +51,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     stripe_secret_key: str | None = None
     stripe_api_base: str | None = None
     stripe_api_version: str | None = None
-    stripe_webhook_secrets: tuple[str, ...] = ()
     stripe_timeout_s: float = 20.0
     stripe_max_network_retries: int = 2  # the SDK resends with the same idempotency key
 
     # email
-    smtp_host: str | None = None
-    smtp_port: int = 587
-    smtp_username: str | None = None
-    smtp_password: str | None = None
-    smtp_starttls: bool = True
-    mail_from: str | None = None
     email_max_attempts: int = 3
-
-    # retries, tracing, error reporting
-    retry_driver: str = "local"
-    otel_endpoint: str | None = None
-    sentry_dsn: str | None = None
 
     # idempotency keys
     idempotency_lock_timeout_s: float = 90.0  # a crashed request's lock becomes takeable
-    idempotency_retention_s: int = 24 * 3600  # kept at least as long as Stripe keeps its keys
 
     # HTTP
     log_level: str = "INFO"
     max_body_bytes: int = 64 * 1024
-    page_size_default: int = 50
-    page_size_max: int = 200
 
     # rate limits: requests per window, per user and action
     rate_window_s: int = 60
@@ -103,17 +88,9 @@ _ENV: dict[str, str] = {
     "STRIPE_SECRET_KEY": "stripe_secret_key",
     "STRIPE_API_BASE": "stripe_api_base",
     "STRIPE_API_VERSION": "stripe_api_version",
-    "STRIPE_WEBHOOK_SECRETS": "stripe_webhook_secrets",
-    "SMTP_HOST": "smtp_host",
-    "SMTP_PORT": "smtp_port",
-    "SMTP_USERNAME": "smtp_username",
-    "SMTP_PASSWORD": "smtp_password",
-    "SMTP_STARTTLS": "smtp_starttls",
-    "MAIL_FROM": "mail_from",
-    "PAYGUARD_RETRY_DRIVER": "retry_driver",
-    "OTEL_EXPORTER_OTLP_ENDPOINT": "otel_endpoint",
-    "SENTRY_DSN": "sentry_dsn",
 }
+# API.md's STRIPE_WEBHOOK_SECRETS, SMTP_*, MAIL_FROM, PAYGUARD_RETRY_DRIVER, OTEL_* and SENTRY_DSN become
+# settings with the code that reads them (webhook and worker issues), not before
 # every other field is PAYGUARD_<FIELD> (PAYGUARD_RATE_LEAD_PURCHASES, ...)
 for _field in msgspec.structs.fields(Settings):
     if _field.name not in _ENV.values():
@@ -121,8 +98,6 @@ for _field in msgspec.structs.fields(Settings):
 
 
 def _coerce(name: str, raw: str) -> Any:
-    if name == "stripe_webhook_secrets":
-        return [s.strip() for s in raw.split(",") if s.strip()]
     if name == "credit_packages":
         return msgspec.json.decode(raw)
     return raw
@@ -150,8 +125,6 @@ def _dec_hook(type_: type, value: Any) -> Any:
 
 
 def _check(s: Settings) -> None:
-    if s.retry_driver not in ("local", "kubernetes"):
-        raise ConfigError("PAYGUARD_RETRY_DRIVER must be 'local' or 'kubernetes'")
     for p in s.credit_packages:
         if p.credits <= 0 or p.amount <= 0 or len(p.currency) != 3 or not p.currency.islower():
             raise ConfigError(f"credit package {p.id!r}: credits and amount > 0, currency like 'usd'")
