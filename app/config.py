@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import platformdirs
@@ -15,11 +16,19 @@ class ConfigError(Exception):
     """The environment names a setting that cannot be used."""
 
 
+# bounds every numeric setting lives within; a value outside stops the start (exit 2)
+Count = Annotated[int, msgspec.Meta(ge=0)]  # 0 means none
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86_400)]  # also refuses nan and inf
+Milliseconds = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]  # PostgreSQL's timeouts are int4
+BigPositive = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]  # fits a BIGINT column
+
+
 class CreditPackage(msgspec.Struct, frozen=True):
-    id: str
-    credits: int
-    amount: int  # minor units
-    currency: str  # lowercase ISO 4217, as Stripe writes it
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]  # purchases.package_id is 64 wide
+    credits: BigPositive
+    amount: BigPositive  # minor units
+    currency: Annotated[str, msgspec.Meta(pattern="^[a-z]{3}$")]  # lowercase ISO 4217, as Stripe writes it
 
 
 DEFAULT_PACKAGES = (
@@ -33,41 +42,41 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # where the data lives
     database_url: str | None = None
     data_dir: Path = Path(platformdirs.user_data_dir("payguard"))
-    db_pool_size: int = 20
-    db_max_overflow: int = 10
-    db_pool_timeout_s: float = 10.0  # waiting longer for a connection is a DB timeout
-    db_statement_timeout_ms: int = 5_000  # a stuck query fails the request, not the pod
-    db_lock_timeout_ms: int = 3_000
+    db_pool_size: Positive = 20
+    db_max_overflow: Count = 10
+    db_pool_timeout_s: Seconds = 10.0  # waiting longer for a connection is a DB timeout
+    db_statement_timeout_ms: Milliseconds = 5_000  # a stuck query fails the request, not the pod
+    db_lock_timeout_ms: Milliseconds = 3_000
 
     # auth
     jwt_secret: str | None = None
     jwks_url: str | None = None
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
-    jwt_leeway_s: int = 30
-    token_ttl_s: int = 24 * 3600  # lifetime of tokens printed by `payguard token`
+    jwt_leeway_s: Count = 30
+    token_ttl_s: Positive = 24 * 3600  # lifetime of tokens printed by `payguard token`
 
     # Stripe
     stripe_secret_key: str | None = None
     stripe_api_base: str | None = None
     stripe_api_version: str | None = None
-    stripe_timeout_s: float = 20.0
-    stripe_max_network_retries: int = 2  # the SDK resends with the same idempotency key
+    stripe_timeout_s: Seconds = 20.0
+    stripe_max_network_retries: Count = 2  # the SDK resends with the same idempotency key
 
     # email
-    email_max_attempts: int = 3
+    email_max_attempts: Positive = 3
 
     # idempotency keys
-    idempotency_lock_timeout_s: float = 90.0  # a crashed request's lock becomes takeable
+    idempotency_lock_timeout_s: Seconds = 90.0  # a crashed request's lock becomes takeable
 
     # HTTP
-    log_level: str = "INFO"
-    max_body_bytes: int = 64 * 1024
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    max_body_bytes: Positive = 64 * 1024
 
     # rate limits: requests per window, per user and action
-    rate_window_s: int = 60
-    rate_credit_purchases: int = 10
-    rate_lead_purchases: int = 60
+    rate_window_s: Positive = 60
+    rate_credit_purchases: Positive = 10
+    rate_lead_purchases: Positive = 60
 
     credit_packages: tuple[CreditPackage, ...] = DEFAULT_PACKAGES
 
@@ -80,7 +89,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # environment variable -> Settings field; API.md fixes the names of the first group
-_ENV: dict[str, str] = {
+ENV_VARS: dict[str, str] = {
     "DATABASE_URL": "database_url",
     "PAYGUARD_DATA_DIR": "data_dir",
     "PAYGUARD_JWT_SECRET": "jwt_secret",
@@ -93,13 +102,19 @@ _ENV: dict[str, str] = {
 # settings with the code that reads them (webhook and worker issues), not before
 # every other field is PAYGUARD_<FIELD> (PAYGUARD_RATE_LEAD_PURCHASES, ...)
 for _field in msgspec.structs.fields(Settings):
-    if _field.name not in _ENV.values():
-        _ENV[f"PAYGUARD_{_field.name.upper()}"] = _field.name
+    if _field.name not in ENV_VARS.values():
+        ENV_VARS[f"PAYGUARD_{_field.name.upper()}"] = _field.name
+_VAR_OF = {field: var for var, field in ENV_VARS.items()}
 
 
-def _coerce(name: str, raw: str) -> Any:
-    if name == "credit_packages":
-        return msgspec.json.decode(raw)
+def _coerce(var: str, field: str, raw: str) -> Any:
+    if field == "credit_packages":
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{var} is not valid JSON ({exc}); expected a list of packages") from None
+    if field == "log_level":
+        return raw.upper()
     return raw
 
 
@@ -107,15 +122,25 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     """Build Settings from the environment; `overrides` win (tests, CLI flags)."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {
-        field: _coerce(field, environ[var]) for var, field in _ENV.items() if environ.get(var)
+        field: _coerce(var, field, environ[var]) for var, field in ENV_VARS.items() if environ.get(var)
     }
     values.update(overrides)
     try:
         settings = msgspec.convert(values, Settings, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from exc
+        raise ConfigError(_name_the_variable(str(exc))) from None
     _check(settings)
     return settings
+
+
+def _name_the_variable(message: str) -> str:
+    """msgspec's "Expected `int` >= 1 - at `$.db_pool_size`" as "PAYGUARD_DB_POOL_SIZE: expected ..."."""
+    what, sep, where = message.rpartition(" - at `$.")
+    found = re.match(r"\w+", where) if sep else None
+    if found is None:
+        return f"invalid configuration: {message}"
+    field = found.group()
+    return f"{_VAR_OF.get(field, field)}{where[len(field) :].rstrip('`')}: {what[:1].lower()}{what[1:]}"
 
 
 def _dec_hook(type_: type, value: Any) -> Any:
@@ -125,11 +150,8 @@ def _dec_hook(type_: type, value: Any) -> Any:
 
 
 def _check(s: Settings) -> None:
-    for p in s.credit_packages:
-        if p.credits <= 0 or p.amount <= 0 or len(p.currency) != 3 or not p.currency.islower():
-            raise ConfigError(f"credit package {p.id!r}: credits and amount > 0, currency like 'usd'")
-    for name in ("rate_window_s", "rate_credit_purchases", "rate_lead_purchases"):
-        if getattr(s, name) <= 0:
-            raise ConfigError(f"{name} must be positive")
+    ids = [p.id for p in s.credit_packages]
+    if repeated := sorted({i for i in ids if ids.count(i) > 1}):
+        raise ConfigError(f"PAYGUARD_CREDIT_PACKAGES: package ids must be unique; repeated: {repeated}")
     if s.database_url is not None and not s.database_url.startswith(("postgresql", "postgres")):
         raise ConfigError("DATABASE_URL must be a PostgreSQL URL")
