@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -71,10 +72,25 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 
 def migrate(settings: Settings, args: argparse.Namespace) -> None:
-    from app.db.migrate import upgrade
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
 
+    from app.db.migrate import alembic_config, upgrade
+
+    def refused(exc: CommandError) -> ConfigError:
+        return ConfigError(f"--revision {args.revision}: {' '.join(str(exc).split())}")
+
+    # a step relative to the database's revision (+1, -1) can only be resolved once connected
+    if not re.search(r"[+-]\d+$", args.revision):
+        try:  # a typo is refused before a database is started or reached
+            ScriptDirectory.from_config(alembic_config("postgresql://")).get_revisions(args.revision)
+        except CommandError as exc:
+            raise refused(exc) from None
     with database(settings) as url:
-        upgrade(url, args.revision)
+        try:
+            upgrade(url, args.revision)
+        except CommandError as exc:
+            raise refused(exc) from None
     log.info("migrated", extra={"revision": args.revision})
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.serve import assert_usage_error, run
+from tests.fixtures.serve import assert_usage_error, postgres_running, run
 
 
 @pytest.mark.parametrize(
@@ -27,3 +27,10 @@ from tests.fixtures.serve import assert_usage_error, run
 def test_a_bad_setting_is_one_line_and_exit_2(tmp_path: Path, var: str, value: str) -> None:
     result = run(tmp_path / "data", "token", "--user", "u1", **{var: value})
     assert_usage_error(result, var)
+
+
+def test_migrate_to_an_unknown_revision_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    result = run(data_dir, "migrate", "--revision", "nonsense")
+    assert_usage_error(result, "nonsense")
+    assert not postgres_running(data_dir)
