@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 from sqlalchemy.exc import DBAPIError
 
@@ -100,20 +101,55 @@ def token(settings: Settings, args: argparse.Namespace) -> None:
     print(issue_token(settings, args.user, admin=args.admin, ttl_s=args.ttl))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # one line that names the mistake, like the configuration errors; the usage is one --help away
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _seconds(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value}")
+    return value
+
+
+def _user_id(raw: str) -> str:
+    # the server's rule for `sub` (app.auth): a token it would always refuse is not printed
+    if not 1 <= len(raw) <= 255 or not raw.isprintable():
+        raise argparse.ArgumentTypeError("must be 1-255 printable characters")
+    return raw
+
+
+def _port(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a TCP port (1-65535)")
+    return int(raw)
+
+
+def _revision(raw: str) -> str:
+    if not raw.strip():
+        raise argparse.ArgumentTypeError("must name a revision, such as head")
+    return raw
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="payguard", description=__doc__)
+    p = _Parser(prog="payguard", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve the HTTP API (embedded PostgreSQL without DATABASE_URL)")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_port, default=8000)
     s.set_defaults(run=serve)
     m = sub.add_parser("migrate", help="apply database migrations")
-    m.add_argument("--revision", default="head")
+    m.add_argument("--revision", type=_revision, default="head")
     m.set_defaults(run=migrate)
     t = sub.add_parser("token", help="print a bearer token signed with the configured secret")
-    t.add_argument("--user", required=True)
+    t.add_argument("--user", type=_user_id, required=True)
     t.add_argument("--admin", action="store_true")
-    t.add_argument("--ttl", type=int, default=None, help="seconds (default PAYGUARD_TOKEN_TTL_S)")
+    t.add_argument("--ttl", type=_seconds, default=None, help="seconds (default PAYGUARD_TOKEN_TTL_S)")
     t.set_defaults(run=token)
     return p
 

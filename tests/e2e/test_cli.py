@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jwt
 import pytest
 
 from tests.fixtures.serve import assert_usage_error, postgres_running, run
@@ -34,3 +35,50 @@ def test_migrate_to_an_unknown_revision_is_one_line_and_exit_2(tmp_path: Path) -
     result = run(data_dir, "migrate", "--revision", "nonsense")
     assert_usage_error(result, "nonsense")
     assert not postgres_running(data_dir)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["token", "--user", "u1", "--ttl", "0"], "--ttl"),  # would print a token that is already expired
+        (["token", "--user", "u1", "--ttl", "-60"], "--ttl"),
+        (["token", "--user", "u1", "--ttl", "soon"], "--ttl"),
+        (["token", "--user", ""], "--user"),  # the server refuses an empty sub
+        (["token", "--user", "u\t1"], "--user"),
+        (["token", "--user", "u" * 256], "--user"),
+        (["token"], "--user"),
+        (["migrate", "--revision", ""], "--revision"),
+        (["serve", "--port", "70000"], "--port"),
+        (["launch"], "launch"),
+    ],
+    ids=[
+        "ttl-0",
+        "ttl-negative",
+        "ttl-word",
+        "user-empty",
+        "user-tab",
+        "user-long",
+        "no-user",
+        "revision-empty",
+        "port",
+        "command",
+    ],
+)
+def test_a_bad_argument_is_one_line_and_exit_2(tmp_path: Path, args: list[str], named: str) -> None:
+    result = run(tmp_path / "data", *args, timeout=30)
+    assert_usage_error(result, named)
+    assert not (tmp_path / "data").exists()  # refused before anything was touched
+
+
+def test_token_lives_as_long_as_asked(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    flag = run(data_dir, "token", "--user", "u1", "--ttl", "60")
+    setting = run(data_dir, "token", "--user", "u1", "--admin", PAYGUARD_TOKEN_TTL_S="120")
+    default = run(data_dir, "token", "--user", "u1")
+    lifetimes = []
+    for result in (flag, setting, default):
+        assert result.returncode == 0, result.stderr
+        claims = jwt.decode(result.stdout.strip(), options={"verify_signature": False})
+        assert claims["sub"] == "u1"
+        lifetimes.append(claims["exp"] - claims["iat"])
+    assert lifetimes == [60, 120, 24 * 3600]
