@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from sqlalchemy.exc import DBAPIError
 
-from app.config import ConfigError, Settings, load_settings
+from app.config import ConfigError, Settings, default_data_dir, load_settings
 from app.observability.logging import configure_logging
 
 log = logging.getLogger("payguard.cli")
@@ -137,21 +137,73 @@ def _revision(raw: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="payguard", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="serve the HTTP API (embedded PostgreSQL without DATABASE_URL)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=_port, default=8000)
+    data_dir = (
+        f"  PAYGUARD_DATA_DIR    data directory of the embedded default (PostgreSQL, generated token\n"
+        f"                       secret), default {default_data_dir()}"
+    )
+    database = "  DATABASE_URL         PostgreSQL to use; unset: PostgreSQL from the wheel, in the data dir"
+    secret = (
+        "  PAYGUARD_JWT_SECRET  HS256 token secret; unset: generated once into the data directory\n"
+        "  PAYGUARD_JWKS_URL    RS256 key set URL, instead of the secret"
+    )
+    more = "every setting: docs/operations.md"
+
+    def command(name: str, summary: str, *environment: str) -> argparse.ArgumentParser:
+        epilog = "\n".join(["environment:", *environment, more])
+        return sub.add_parser(
+            name, help=summary, description=summary, epilog=epilog, formatter_class=_Formatter
+        )
+
+    p = _Parser(
+        prog="payguard",
+        description="payguard: credits, leads and their payments over HTTP",
+        epilog="\n".join(["environment:", database, data_dir, more]),
+        formatter_class=_Formatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, title="commands")
+    s = command(
+        "serve",
+        "apply migrations, then serve the HTTP API until SIGTERM or SIGINT",
+        database,
+        data_dir,
+        secret,
+        "  STRIPE_SECRET_KEY    Stripe API key; unset: payments answer 503",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=_port, default=8000, help="TCP port to listen on (default 8000)")
     s.set_defaults(run=serve)
-    m = sub.add_parser("migrate", help="apply database migrations")
-    m.add_argument("--revision", type=_revision, default="head")
+    m = command("migrate", "apply the database migrations, then exit", database, data_dir)
+    m.add_argument(
+        "--revision",
+        type=_revision,
+        default="head",
+        help="alembic revision to upgrade to: an id, head, or +N steps (default head)",
+    )
     m.set_defaults(run=migrate)
-    t = sub.add_parser("token", help="print a bearer token signed with the configured secret")
-    t.add_argument("--user", type=_user_id, required=True)
-    t.add_argument("--admin", action="store_true")
-    t.add_argument("--ttl", type=_seconds, default=None, help="seconds (default PAYGUARD_TOKEN_TTL_S)")
+    ttl = Settings().token_ttl_s
+    t = command(
+        "token",
+        "print a bearer token signed with the configured secret (development aid)",
+        secret,
+        data_dir,
+        f"  PAYGUARD_TOKEN_TTL_S default lifetime of the token in seconds, default {ttl}",
+    )
+    t.add_argument(
+        "--user", type=_user_id, required=True, help="user id, the token's sub: 1-255 printable characters"
+    )
+    t.add_argument("--admin", action="store_true", help="add role admin, which /admin needs (default: off)")
+    t.add_argument(
+        "--ttl",
+        type=_seconds,
+        default=None,
+        help=f"lifetime in seconds, > 0 (default PAYGUARD_TOKEN_TTL_S, else {ttl})",
+    )
     t.set_defaults(run=token)
     return p
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the environment tables' line breaks."""
 
 
 def main(argv: list[str] | None = None) -> None:

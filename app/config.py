@@ -38,10 +38,15 @@ DEFAULT_PACKAGES = (
 )
 
 
+def default_data_dir() -> Path:
+    """Where the embedded default keeps its data when PAYGUARD_DATA_DIR is unset."""
+    return Path(platformdirs.user_data_dir("payguard"))
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # where the data lives
     database_url: str | None = None
-    data_dir: Path = Path(platformdirs.user_data_dir("payguard"))
+    data_dir: Path = msgspec.field(default_factory=default_data_dir)
     db_pool_size: Positive = 20
     db_max_overflow: Count = 10
     db_pool_timeout_s: Seconds = 10.0  # waiting longer for a connection is a DB timeout

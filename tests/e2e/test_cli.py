@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import jwt
 import pytest
 
+from app.cli import parser
+from app.config import default_data_dir
 from tests.fixtures.serve import assert_usage_error, postgres_running, run
 
 
@@ -82,3 +85,54 @@ def test_token_lives_as_long_as_asked(tmp_path: Path) -> None:
         assert claims["sub"] == "u1"
         lifetimes.append(claims["exp"] - claims["iat"])
     assert lifetimes == [60, 120, 24 * 3600]
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ([], ["serve", "migrate", "token", "PAYGUARD_DATA_DIR", "DATABASE_URL"]),
+        (
+            ["serve"],
+            [
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "8000",
+                "DATABASE_URL",
+                "PAYGUARD_DATA_DIR",
+                "PAYGUARD_JWT_SECRET",
+                "PAYGUARD_JWKS_URL",
+                "STRIPE_SECRET_KEY",
+            ],
+        ),
+        (["migrate"], ["--revision", "head", "DATABASE_URL", "PAYGUARD_DATA_DIR"]),
+        (
+            ["token"],
+            [
+                "--user",
+                "--admin",
+                "--ttl",
+                "PAYGUARD_TOKEN_TTL_S",
+                "86400",
+                "PAYGUARD_JWT_SECRET",
+                "PAYGUARD_DATA_DIR",
+            ],
+        ),
+    ],
+    ids=["payguard", "serve", "migrate", "token"],
+)
+def test_help_names_each_option_its_default_its_variable_and_the_data_dir(
+    command: list[str], expected: list[str]
+) -> None:
+    result = run(None, *command, "--help", timeout=30)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for word in [*expected, f"default {default_data_dir()}"]:
+        assert word in text, word
+
+
+def test_every_option_of_every_command_is_described() -> None:
+    (commands,) = [a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            assert action.help and len(action.help) > 10, (name, action.option_strings)
