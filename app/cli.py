@@ -9,15 +9,37 @@ import re
 import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import NoReturn
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, NoReturn
 
 from sqlalchemy.exc import DBAPIError
 
 from app.config import ConfigError, Settings, default_data_dir, load_settings
 from app.observability.logging import configure_logging
 
+if TYPE_CHECKING:
+    from app.db.embedded import EmbeddedPostgres
+
 log = logging.getLogger("payguard.cli")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT wait until the block ends, then act as they would have."""
+    caught: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, lambda signum, _frame: caught.append(signum))
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 @contextmanager
@@ -26,12 +48,23 @@ def database(settings: Settings) -> Iterator[str]:
     if settings.database_url is not None:
         yield settings.database_url
         return
-    from app.db.embedded import start_embedded
+    import asyncio
 
-    pg, url = start_embedded(settings.data_dir)
-    try:
-        yield url
-    finally:
+    from app.db.embedded import EmbeddedPostgres
+
+    with ExitStack() as stack:
+        # a stop while PostgreSQL starts is acted on once this process holds the server, so that
+        # the way out stops it; raised any earlier, it would leave a server nobody stops
+        with stop_signals_deferred():
+            pg = EmbeddedPostgres(settings.data_dir)
+            stack.callback(_release, pg)
+        asyncio.run(pg.ensure_database())
+        log.info("embedded PostgreSQL ready", extra={"socket_dir": pg.socket_dir})
+        yield pg.url()
+
+
+def _release(pg: EmbeddedPostgres) -> None:
+    with stop_signals_deferred():  # a second stop must not cut `pg_ctl stop` short
         pg.close()  # stops PostgreSQL if no other payguard process holds it
 
 
@@ -43,10 +76,6 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
     from app.main import create_app
 
     resolve_jwt_secret(settings)  # refuse to start without a way to check tokens, before touching the DB
-
-    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; turn them into exceptions
-    # so the embedded PostgreSQL is stopped on the way out instead of being left running
-    signal.signal(signal.SIGTERM, _exit_on_signal)
     with database(settings) as url:
         upgrade(url)
         app = create_app(settings, url)
@@ -208,6 +237,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    # SIGTERM (Kubernetes, systemd, kill) unwinds like SIGINT does, so every way out stops the embedded
+    # PostgreSQL; uvicorn re-raises both after its graceful shutdown
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         settings = load_settings()
         configure_logging(settings.log_level)

