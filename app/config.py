@@ -40,6 +40,10 @@ DEFAULT_PACKAGES = (
 
 def default_data_dir() -> Path:
     """Where the embedded default keeps its data when PAYGUARD_DATA_DIR is unset."""
+    if os.name == "posix" and os.geteuid() == 0:
+        # as root, PostgreSQL runs as another user, which can reach /var/lib/payguard as the system is;
+        # under root's home (0700) it could only if that home were opened up to every user
+        return Path(platformdirs.site_state_dir("payguard"))
     return Path(platformdirs.user_data_dir("payguard"))
 
 

