@@ -43,7 +43,7 @@ def default_data_dir() -> Path:
     if os.name == "posix" and os.geteuid() == 0:
         # as root, PostgreSQL runs as another user, which can reach /var/lib/payguard as the system is;
         # under root's home (0700) it could only if that home were opened up to every user
-        return Path(platformdirs.site_state_dir("payguard"))
+        return Path("/var/lib/payguard")  # the FHS place for a system service's state
     return Path(platformdirs.user_data_dir("payguard"))
 
 

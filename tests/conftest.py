@@ -14,6 +14,7 @@ from app.db.embedded import EmbeddedPostgres
 from app.db.migrate import upgrade
 from app.main import create_app
 from tests.fixtures.app import TEST_SECRET, AppFactory, Client
+from tests.fixtures.serve import postgres_data_dir
 from tests.fixtures.stripe import FakeStripe, start_fake_stripe
 
 TEMPLATE = "payguard_template"
@@ -21,10 +22,11 @@ _db_numbers = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
-def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
-    yield server
-    server.close()
+def pg() -> Iterator[EmbeddedPostgres]:
+    with postgres_data_dir() as data_dir:  # as root, PostgreSQL's user cannot enter pytest's tmp_path
+        server = EmbeddedPostgres(data_dir)
+        yield server
+        server.close()
 
 
 @pytest.fixture(scope="session")

@@ -5,18 +5,25 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.fixtures.serve import cli_token, free_port, start, stop, wait_ready
+from tests.fixtures.serve import cli_token, free_port, postgres_data_dir, start, stop, wait_ready
 from tests.fixtures.stripe import FakeStripe
 
 
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    with postgres_data_dir() as path:  # as root, PostgreSQL's user cannot enter pytest's tmp_path
+        yield path
+
+
 def test_killed_between_stripe_and_commit_then_retried_creates_one_intent(
-    tmp_path: Path, stripe: FakeStripe
+    data_dir: Path, stripe: FakeStripe
 ) -> None:
-    data_dir = tmp_path / "data"
     port = free_port()
     env = {
         "STRIPE_SECRET_KEY": "sk_test_crash",

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import httpx
+import pytest
 from alembic.script import ScriptDirectory
 
 from app.db.embedded import EmbeddedPostgres
 from app.db.migrate import alembic_config
-from tests.fixtures.serve import PAYGUARD, cli_token, free_port, start, stop, wait_ready
+from tests.fixtures.serve import PAYGUARD, cli_token, free_port, postgres_data_dir, start, stop, wait_ready
 
 
-def test_serve_from_an_empty_data_dir_then_restart_with_the_data(tmp_path: Path) -> None:
-    data_dir = tmp_path / "payguard-data"
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    with postgres_data_dir() as path:  # as root, PostgreSQL's user cannot enter pytest's tmp_path
+        yield path
+
+
+def test_serve_from_an_empty_data_dir_then_restart_with_the_data(data_dir: Path) -> None:
     port = free_port()
     proc = start(data_dir, port)
     try:

@@ -24,25 +24,20 @@ def test_settings_from_the_environment() -> None:
         {
             "DATABASE_URL": "postgresql://u:p@db/pay",
             "PAYGUARD_DATA_DIR": "/tmp/pg-data",
-            "STRIPE_WEBHOOK_SECRETS": "whsec_a, whsec_b,",
             "PAYGUARD_RATE_LEAD_PURCHASES": "7",
             "PAYGUARD_IDEMPOTENCY_LOCK_TIMEOUT_S": "2.5",
-            "SMTP_STARTTLS": "false",
             "PAYGUARD_CREDIT_PACKAGES": '[{"id": "x", "credits": 1, "amount": 50, "currency": "eur"}]',
         }
     )
     assert s.database_url == "postgresql://u:p@db/pay" and not s.embedded
     assert s.data_dir == Path("/tmp/pg-data")
-    assert s.stripe_webhook_secrets == ("whsec_a", "whsec_b")
     assert s.rate_lead_purchases == 7 and s.idempotency_lock_timeout_s == 2.5
-    assert s.smtp_starttls is False
     assert s.package("x") is not None and s.package("starter") is None
 
 
 def test_defaults_are_safe() -> None:
     s = load_settings({})
-    assert s.embedded and s.stripe_secret_key is None and s.retry_driver == "local"
-    assert s.idempotency_retention_s >= 24 * 3600
+    assert s.embedded and s.stripe_secret_key is None
     assert s.email_max_attempts == 3
 
 
@@ -51,7 +46,6 @@ def test_defaults_are_safe() -> None:
     [
         {"PAYGUARD_RATE_LEAD_PURCHASES": "many"},
         {"PAYGUARD_RATE_LEAD_PURCHASES": "0"},
-        {"PAYGUARD_RETRY_DRIVER": "carrier-pigeon"},
         {"DATABASE_URL": "mysql://db/x"},
         {"PAYGUARD_CREDIT_PACKAGES": '[{"id": "x", "credits": 1, "amount": 50, "currency": "EURO"}]'},
     ],
