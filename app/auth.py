@@ -19,7 +19,6 @@ log = logging.getLogger("payguard.auth")
 
 SECRET_FILE = "jwt_secret"
 MAX_TOKEN_BYTES = 8192
-JWKS_TIMEOUT_S = 5.0  # PyJWT waits 30 s by default, holding the request and a thread that long
 JWKS_RETRY_AFTER_S = 5
 
 
@@ -69,7 +68,7 @@ class Authenticator:
         self._settings = settings
         self._secret = resolve_jwt_secret(settings)
         self._jwks = (
-            jwt.PyJWKClient(settings.jwks_url, cache_keys=True, timeout=JWKS_TIMEOUT_S)
+            jwt.PyJWKClient(settings.jwks_url, cache_keys=True, timeout=settings.jwks_timeout_s)
             if settings.jwks_url
             else None
         )

@@ -64,6 +64,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     jwt_issuer: str | None = None
     jwt_leeway_s: Count = 30
     token_ttl_s: Positive = 24 * 3600  # lifetime of tokens printed by `payguard token`
+    jwks_timeout_s: Seconds = 5.0  # PyJWT waits 30 s by default, holding the request and a thread that long
 
     # Stripe
     stripe_secret_key: str | None = None
@@ -81,6 +82,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # HTTP
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     max_body_bytes: Positive = 64 * 1024
+    # uvicorn (httptools) takes headers of any size and number; a browser sends a few KiB
+    max_header_bytes: Positive = 32 * 1024  # names, values, ": " and CRLF, all headers together
+    max_header_count: Positive = 100
 
     # rate limits: requests per window, per user and action
     rate_window_s: Positive = 60

@@ -53,8 +53,6 @@ _SLUGS = {
     429: ("rate-limited", "Too many requests"),
 }
 # uvicorn (httptools) takes headers of any size and number; a browser sends a few KiB
-MAX_HEADER_BYTES = 32 * 1024  # names, values and the ": " and CRLF around them, all headers together
-MAX_HEADER_COUNT = 100
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it, so dashboards and 5xx alerts tell it apart
 _TIMEOUT_SQLSTATES = {"57014", "55P03"}  # statement timeout / query canceled, lock not available
 # besides class 08 (connection exception): admin shutdown, crash shutdown, cannot connect now
@@ -94,9 +92,9 @@ class PayguardRequest(Request[Any, Any, Any]):
             raise InvalidJson("the body nests deeper than the JSON decoder allows") from None
 
 
-def refuse_oversized_headers(app: ASGIApp) -> ASGIApp:
+def refuse_oversized_headers(app: ASGIApp, max_bytes: int, max_count: int) -> ASGIApp:
     """Answer 431 to a request whose headers exceed the limits, before routing, auth or a body read."""
-    detail = f"send at most {MAX_HEADER_COUNT} headers of at most {MAX_HEADER_BYTES} bytes in all"
+    detail = f"send at most {max_count} headers of at most {max_bytes} bytes in all"
     body = msgspec.json.encode(
         problem(431, "request-header-fields-too-large", "Request header fields too large", detail)
     )
@@ -111,7 +109,7 @@ def refuse_oversized_headers(app: ASGIApp) -> ASGIApp:
         if scope["type"] == "http":
             sent: list[tuple[bytes, bytes]] = scope["headers"]
             size = sum(len(name) + len(value) + 4 for name, value in sent)
-            if len(sent) > MAX_HEADER_COUNT or size > MAX_HEADER_BYTES:
+            if len(sent) > max_count or size > max_bytes:
                 # new messages each time: an outer layer may add to them
                 start: HTTPResponseStartEvent = {
                     "type": "http.response.start",

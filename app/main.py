@@ -71,5 +71,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
     app.state.auth = Authenticator(settings)
     # outermost layer, so 404s and 405s raised while routing are counted and logged too, and so are
     # requests refused for their headers before anything else runs
-    app.asgi_handler = observe_requests(refuse_oversized_headers(app.asgi_handler))
+    app.asgi_handler = observe_requests(
+        refuse_oversized_headers(app.asgi_handler, settings.max_header_bytes, settings.max_header_count)
+    )
     return app
