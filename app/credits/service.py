@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -152,6 +153,7 @@ async def _create_intent(services: Services, key: Key) -> MoveTo | Finish:
             select(CreditPurchase).where(CreditPurchase.idempotency_key_id == key.id)
         )
     assert purchase is not None
+    body: PurchaseOut | dict[str, Any]
     try:
         intent = await services.payments.create_payment_intent(
             amount=purchase.amount,
@@ -161,29 +163,29 @@ async def _create_intent(services: Services, key: Key) -> MoveTo | Finish:
         )
     except PaymentKeyConflict as exc:
         # final: a retry would get the same refusal from Stripe, so the answer is stored
-        async with step(services.sessions, key) as st:
-            await st.conn.execute(
-                update(CreditPurchase)
-                .where(CreditPurchase.id == purchase.id)
-                .values(status=PurchaseStatus.FAILED, updated_at=func.now())
-            )
-            return await st.finish(exc.status, exc.problem())
+        change: dict[str, Any] = {"status": PurchaseStatus.FAILED}
+        status, body = exc.status, exc.problem()
+    else:
+        change = {"payment_intent_id": intent.id}
+        status, body = (
+            201,
+            PurchaseOut(
+                purchase_id=purchase.id,
+                payment_intent_id=intent.id,
+                client_secret=intent.client_secret,
+                status=purchase.status,
+                credits=purchase.credits,
+                amount=purchase.amount,
+                currency=purchase.currency,
+            ),
+        )
     async with step(services.sessions, key) as st:
         await st.conn.execute(
             update(CreditPurchase)
             .where(CreditPurchase.id == purchase.id)
-            .values(payment_intent_id=intent.id, updated_at=func.now())
+            .values(**change, updated_at=func.now())
         )
-        out = PurchaseOut(
-            purchase_id=purchase.id,
-            payment_intent_id=intent.id,
-            client_secret=intent.client_secret,
-            status=purchase.status,
-            credits=purchase.credits,
-            amount=purchase.amount,
-            currency=purchase.currency,
-        )
-        return await st.finish(201, out)
+        return await st.finish(status, body)
 
 
 # public for the completer of abandoned keys (the cleanup job)
