@@ -7,13 +7,13 @@ from collections import Counter
 
 import asyncpg
 
-from tests.fixtures.app import AppFactory, Client, auth, create_lead, grant
+from tests.fixtures.app import PATIENT_DB, AppFactory, Client, auth, create_lead, grant
 
 
 async def test_two_hundred_funded_buyers_race_for_one_lead(
     make_client: AppFactory, db: asyncpg.Connection
 ) -> None:
-    client = await make_client()
+    client = await make_client(**PATIENT_DB)
     lead = await create_lead(client, price=30)
     buyers = [f"buyer-{i}" for i in range(200)]
     await asyncio.gather(*(grant(client, b, 100) for b in buyers))
@@ -38,7 +38,7 @@ async def test_two_hundred_funded_buyers_race_for_one_lead(
 async def test_five_hundred_purchases_against_credits_for_one_hundred(
     make_client: AppFactory, db: asyncpg.Connection
 ) -> None:
-    client = await make_client(rate_lead_purchases=10_000)
+    client = await make_client(rate_lead_purchases=10_000, **PATIENT_DB)
     await db.execute(
         "INSERT INTO leads (title, price_credits, details, status)"
         " SELECT 'lead ' || g, 1, '{}'::jsonb, 'available' FROM generate_series(1, 500) g"
