@@ -12,10 +12,18 @@ through an event loop of their own, which cannot share that pool. So each test:
 2. draws cases from `operation.as_strategy()` in a plain synchronous Hypothesis `@given` function
    that only collects them: no I/O inside Hypothesis, `derandomize=True` (the same cases every run)
    and a bounded `max_examples` (150 for the JSON-body operations, where 50 found nothing that 150
-   finds, 50 for the others; the whole file takes about half a minute);
-3. sends every case through the conftest `Client` (httpx on the ASGI app, in the test's own loop)
+   finds, 50 for the others, 100 per operation for the headers; the file takes about 40 s);
+3. sends every case through the fixtures' `Client` (httpx on the ASGI app, in the test's own loop)
    with a valid bearer token of the operation's role (admin for /admin) and a fresh Idempotency-Key,
-   so generated requests get past authentication and the key check into the services and database.
+   so generated requests get past authentication and the key check into the services and database;
+4. fuzzes those two headers in a test of their own: schema-valid cases (so body and path pass
+   validation; a purchase gets a lead of its own) each sent with one faulty header while the other
+   stays valid, so a fault reaches the code behind the first check. Which header or claim carries
+   the fault rotates through FAULTS; the value is drawn by Hypothesis: text around one character
+   from a small dictionary (NUL, control, non-ASCII), printable text past the length limits, any
+   text, any JSON, schemathesis' own value, or none. A fuzzed claim travels in a token really
+   signed with the test secret (random tokens never get past the signature check), as does a
+   payload that is not an object.
 
 Both positive (schema-valid) and negative (schema-violating) cases are generated. Checks: no 5xx,
 and every 4xx is an RFC 9457 problem detail whose `status` matches. Hypothesis does not shrink a
@@ -25,6 +33,9 @@ curl command to reproduce it.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import time
 from typing import Any
@@ -34,14 +45,16 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from schemathesis import Case, GenerationMode
 
-from tests.fixtures.app import ADMIN, AppFactory, Client, create_lead, grant, token
+from tests.fixtures.app import ADMIN, TEST_SECRET, AppFactory, Client, create_lead, grant, token
 
 USER = "fuzz-user"
 # per operation and generation mode: JSON bodies are a much larger space than a few query parameters
 BODY_EXAMPLES = 150
 OTHER_EXAMPLES = 50
+HEADER_EXAMPLES = 100
 OPERATIONS = [
     ("GET", "/v1/credits/packages"),
     ("POST", "/v1/credits/purchases"),
@@ -73,23 +86,37 @@ async def fuzz_client(make_client: AppFactory) -> Client:
     return client
 
 
-def generate(schema: dict[str, Any], method: str, path: str, mode: GenerationMode) -> list[Case]:
+Headers = dict[str, str | None]  # header -> value sent instead of the valid one; None: leave it out
+GENERATED = "<the case's own value>"  # send what schemathesis generated for the header (or nothing)
+Drawn = dict[str, Any]
+
+
+def generate(
+    schema: dict[str, Any],
+    method: str,
+    path: str,
+    mode: GenerationMode,
+    max_examples: int | None = None,
+    values: st.SearchStrategy[Drawn] = st.just({}),
+) -> list[tuple[Case, Drawn]]:
+    """Cases for one operation, each with `values` drawn alongside it."""
     operation = schemathesis.openapi.from_dict(schema)[path][method]
-    cases: list[Case] = []
+    cases: list[tuple[Case, Drawn]] = []
+    if max_examples is None:
+        has_body = "requestBody" in schema["paths"][path][method.lower()]
+        max_examples = BODY_EXAMPLES if has_body else OTHER_EXAMPLES
 
     @settings(
-        max_examples=BODY_EXAMPLES
-        if "requestBody" in schema["paths"][path][method.lower()]
-        else OTHER_EXAMPLES,
+        max_examples=max_examples,
         derandomize=True,
         database=None,
         deadline=None,
         phases=[Phase.explicit, Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
-    @given(operation.as_strategy(generation_mode=mode))
-    def collect(case: Case) -> None:
-        cases.append(case)
+    @given(operation.as_strategy(generation_mode=mode), values)
+    def collect(case: Case, drawn: Drawn) -> None:
+        cases.append((case, drawn))
 
     collect()
     return cases
@@ -108,9 +135,81 @@ def _query(params: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-async def send(client: Client, case: Case, forced: dict[str, str]) -> httpx.Response:
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+# a fuzzer's dictionary: characters that break storage or parsing, which st.text() seldom draws
+EDGE = st.sampled_from("\x00\n\x1b\x7f\xe9\u202e\U0001f4b8")
+# what hypothesis draws for every case; which header or claim carries which value rotates (FAULTS)
+VALUES = st.fixed_dictionaries(
+    {
+        "edge": st.tuples(st.text(max_size=4), EDGE, st.text(max_size=4)).map("".join),
+        # printable, so only the length is wrong: past the 255 of keys and ids, past 320 for email
+        "long": st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=321, max_size=500),
+        "text": st.text(),
+        "json": ANY_JSON,
+    }
+)
+CLAIMS = ("sub", "email", "role", "exp", "nbf", "iat", "aud", "iss")
+# one fault per request, so an early check does not hide a later one: (where, which value)
+FAULTS: list[tuple[str, str]] = [
+    *[("Idempotency-Key", which) for which in ("edge", "long", "text", "absent", "generated")],
+    *[("Authorization", which) for which in ("edge", "long", "text", "absent", "generated")],
+    *[(f"claim {claim}", which) for claim in CLAIMS for which in ("edge", "long", "json")],
+    ("token payload", "json"),  # signed, but not even an object
+    ("token header kid", "json"),
+]
+
+
+def _segment(value: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+
+def signed(header: Any, payload: Any) -> str:
+    """A token the test secret really signed, whatever its header and payload say: it gets past
+    the signature check to the code that reads the claims."""
+    signing_input = f"{_segment(header)}.{_segment(payload)}"
+    mac = hmac.new(TEST_SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+
+def fault_headers(fault: tuple[str, str], drawn: Drawn, user: str, admin: bool) -> Headers:
+    """The one header that carries the fault; the other stays valid."""
+    where, which = fault
+    value = {"absent": None, "generated": GENERATED}.get(which, drawn.get(which))
+    if where == "Idempotency-Key":
+        return {where: value}
+    if where == "Authorization":
+        return {where: f"Bearer {value}" if which in ("edge", "long") else value}
+    now = int(time.time())
+    claims: Any = {"sub": user, "iat": now, "exp": now + 3600, **({"role": "admin"} if admin else {})}
+    jose: dict[str, Any] = {"alg": "HS256", "typ": "JWT"}
+    if where.startswith("claim "):
+        claims[where.removeprefix("claim ")] = value
+    elif where == "token payload":
+        claims = value
+    else:
+        jose["kid"] = value
+    return {"Authorization": f"Bearer {signed(jose, claims)}"}
+
+
+def headers_to_send(faulty: Headers, authorization: str, fresh_key: str) -> Headers:
+    """A valid token and a fresh key, but for the faulty header (GENERATED: the case's own)."""
+    out: Headers = {"Authorization": authorization, "Idempotency-Key": fresh_key}
+    for name, value in faulty.items():
+        if value == GENERATED:
+            out.pop(name, None)
+        else:
+            out[name] = value
+    return out
+
+
+async def send(client: Client, case: Case, forced: Headers) -> httpx.Response:
     kwargs = case.as_transport_kwargs(base_url=str(client.base_url))
     headers = {**kwargs["headers"], **forced}
+    headers = {name: value for name, value in headers.items() if value is not None}
     if "json" in kwargs:
         content: bytes | None = json.dumps(kwargs["json"]).encode()
     elif "data" in kwargs:
@@ -144,9 +243,11 @@ def problem_error(r: httpx.Response) -> str | None:
     return f"missing {missing}" if missing else None
 
 
-def describe(case: Case, forced: dict[str, str], r: httpx.Response, why: str) -> str:
+def describe(case: Case, forced: Headers, r: httpx.Response, why: str) -> str:
     try:
-        reproduce = case.as_curl_command(headers=forced)
+        sent = {name: value for name, value in forced.items() if value is not None}
+        dropped = [name for name, value in forced.items() if value is None]
+        reproduce = case.as_curl_command(headers=sent) + (f"  (without {dropped})" if dropped else "")
     except Exception as exc:  # a curl line is a courtesy; the case itself still gets reported
         reproduce = f"{case.method} {case.formatted_path} query={case.query} body={case.body!r} ({exc})"
     return f"{r.status_code} {why}: {r.text[:200]}\n    {reproduce[:600]}"
@@ -163,30 +264,63 @@ async def test_the_schema_documents_exactly_the_fuzzed_operations(client: Client
 async def test_generated_requests_never_get_a_5xx(
     fuzz_client: Client, db: asyncpg.Connection, method: str, path: str, mode: GenerationMode
 ) -> None:
-    schema = await load_schema(fuzz_client)
+    schema = await fuzz_schema(fuzz_client)
+    cases = [(case, {}) for case, _ in generate(schema, method, path, mode)]
+    statuses = await send_all(fuzz_client, path, str(mode), cases)
+    if mode == GenerationMode.POSITIVE:
+        assert any(200 <= s < 300 for s in statuses), f"no valid request succeeded: {sorted(set(statuses))}"
+    assert await db.fetchval("SELECT to_regclass('leads')::text") == "leads"
+
+
+@pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
+async def test_fuzzed_authorization_and_idempotency_keys_never_get_a_5xx(
+    fuzz_client: Client, db: asyncpg.Connection, method: str, path: str
+) -> None:
+    schema = await fuzz_schema(fuzz_client)
+    is_admin = path.startswith("/admin")
+    user = ADMIN if is_admin else USER
+    cases = generate(schema, method, path, GenerationMode.POSITIVE, HEADER_EXAMPLES, VALUES)
+    if "{lead_id}" in path:  # a lead of its own per case: good headers buy it, down to the email outbox
+        rows = await db.fetch(
+            "INSERT INTO leads (title, price_credits, details, status)"
+            " SELECT 'header lead ' || g, 1, '{}'::jsonb, 'available' FROM generate_series(1, $1) g"
+            " RETURNING id",
+            len(cases),
+        )
+        for (case, _), row in zip(cases, rows, strict=True):
+            case.path_parameters = {**(case.path_parameters or {}), "lead_id": row["id"]}
+    faulty = [
+        (case, fault_headers(FAULTS[i % len(FAULTS)], drawn, user, is_admin))
+        for i, (case, drawn) in enumerate(cases)
+    ]
+    statuses = await send_all(fuzz_client, path, "headers", faulty)
+    assert 401 in statuses, sorted(set(statuses))
+
+
+async def fuzz_schema(client: Client) -> dict[str, Any]:
+    schema = await load_schema(client)
     # purchases of the real packages go all the way to (fake) Stripe; other ids are left to negative mode
-    listed = await fuzz_client.get("/v1/credits/packages", headers={"Authorization": f"Bearer {token('u')}"})
+    listed = await client.get("/v1/credits/packages", headers={"Authorization": f"Bearer {token('u')}"})
     packages = [p["id"] for p in listed.json()]
     schema["components"]["schemas"]["PurchaseRequest"]["properties"]["package_id"]["enum"] = packages
-    cases = generate(schema, method, path, mode)
-    assert cases
+    return schema
 
+
+async def send_all(client: Client, path: str, label: str, cases: list[tuple[Case, Headers]]) -> list[int]:
+    """Send every case with a valid token and a fresh key but for its faulty header; fail listing
+    each 5xx and each 4xx that is not a problem detail."""
+    assert cases
     failures: list[str] = []
     statuses: list[int] = []
     is_admin = path.startswith("/admin")
-    for i, case in enumerate(cases):
-        forced = {
-            "Authorization": f"Bearer {token(ADMIN if is_admin else USER, admin=is_admin)}",
-            "Idempotency-Key": f"fuzz-{mode}-{i}-{time.monotonic_ns()}",
-        }
-        r = await send(fuzz_client, case, forced)
+    authorization = f"Bearer {token(ADMIN if is_admin else USER, admin=is_admin)}"
+    for i, (case, faulty) in enumerate(cases):
+        forced = headers_to_send(faulty, authorization, f"fuzz-{label}-{i}-{time.monotonic_ns()}")
+        r = await send(client, case, forced)
         statuses.append(r.status_code)
         if r.status_code >= 500:
             failures.append(describe(case, forced, r, "server error"))
         elif r.status_code >= 400 and (why := problem_error(r)) is not None:
             failures.append(describe(case, forced, r, f"not a problem detail ({why})"))
-
     assert not failures, f"{len(failures)} of {len(cases)} generated requests failed:\n" + "\n".join(failures)
-    if mode == GenerationMode.POSITIVE:
-        assert any(200 <= s < 300 for s in statuses), f"no valid request succeeded: {sorted(set(statuses))}"
-    assert await db.fetchval("SELECT to_regclass('leads')::text") == "leads"
+    return statuses
