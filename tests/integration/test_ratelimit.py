@@ -56,8 +56,10 @@ async def test_credit_and_lead_purchases_have_separate_keys(make_client: AppFact
 async def test_limit_holds_under_concurrency_and_across_app_instances(
     make_client: AppFactory, db: asyncpg.Connection
 ) -> None:
-    # two app instances on one database stand for two replicas
-    replicas = [await make_client(rate_lead_purchases=20), await make_client(rate_lead_purchases=20)]
+    # two app instances on one database; tests/e2e/test_replicas.py runs two real processes
+    # a window of an hour: no request is admitted by the window moving on during the test
+    limits = {"rate_lead_purchases": 20, "rate_window_s": 3600}
+    replicas = [await make_client(**limits), await make_client(**limits)]
     await grant(replicas[0], "u1", 1000)
     await db.execute(
         "INSERT INTO leads (title, price_credits, details, status)"
@@ -71,3 +73,8 @@ async def test_limit_holds_under_concurrency_and_across_app_instances(
         )
     )
     assert Counter(r.status_code for r in responses) == {201: 20, 429: 80}
+    # and a 429 moved nothing: the limit is checked before the purchase, not after its commit
+    bought = {lead for lead, r in zip(ids, responses, strict=True) if r.status_code == 201}
+    assert {r["id"] for r in await db.fetch("SELECT id FROM leads WHERE status = 'sold'")} == bought
+    assert await db.fetchval("SELECT balance FROM credit_accounts WHERE user_id = 'u1'") == 1000 - 20
+    assert await db.fetchval("SELECT count(*) FROM credit_ledger WHERE delta < 0") == 20
