@@ -17,6 +17,8 @@ import asyncpg
 import httpx
 import pytest
 
+from app.leads.models import LeadStatus
+from app.notifications.service import EmailKind
 from tests.fixtures.app import ADMIN, PATIENT_DB, TEST_SECRET, token
 from tests.fixtures.serve import free_port, start, stop, wait_ready
 
@@ -93,7 +95,7 @@ async def _buy_through_both(ports: list[int], db: asyncpg.Connection) -> None:
     bought = {lead for lead, r in zip(leads, responses, strict=True) if r.status_code == 201}
     refused = set(leads) - bought
 
-    sold = await db.fetch("SELECT id, buyer_id FROM leads WHERE status = 'sold'")
+    sold = await db.fetch("SELECT id, buyer_id FROM leads WHERE status = $1", LeadStatus.SOLD)
     assert {r["id"] for r in sold} == bought and {r["buyer_id"] for r in sold} == {"u1"}
     assert (
         await db.fetchval("SELECT balance FROM credit_accounts WHERE user_id = 'u1'") == FUNDS - LIMIT * PRICE
@@ -102,10 +104,12 @@ async def _buy_through_both(ports: list[int], db: asyncpg.Connection) -> None:
     assert sorted(r["reference"] for r in debits) == sorted(f"lead_purchase:{lead}" for lead in bought)
     purchases = await db.fetch("SELECT lead_id FROM lead_purchases WHERE user_id = 'u1'")
     assert {r["lead_id"] for r in purchases} == bought and len(purchases) == LIMIT
-    emails = await db.fetch("SELECT payload FROM outbox_emails WHERE kind = 'lead_purchased'")
+    emails = await db.fetch("SELECT payload FROM outbox_emails WHERE kind = $1", EmailKind.LEAD_PURCHASED)
     assert sorted(json.loads(e["payload"])["lead_id"] for e in emails) == sorted(bought)
     # the 429s moved nothing: their leads are still for sale, and no answer was stored for their keys
-    assert refused == {r["id"] for r in await db.fetch("SELECT id FROM leads WHERE status = 'available'")}
+    assert refused == {
+        r["id"] for r in await db.fetch("SELECT id FROM leads WHERE status = $1", LeadStatus.AVAILABLE)
+    }
     assert (
         await db.fetchval(
             "SELECT count(*) FROM idempotency_keys WHERE key = ANY($1::text[]) AND response_status IS NOT NULL",

@@ -18,6 +18,7 @@ import asyncpg
 import httpx
 import pytest
 
+from app.credits.models import PurchaseStatus
 from tests.fixtures.app import ADMIN, AppFactory, Client, auth, create_lead, grant
 from tests.fixtures.stall import StallAfter, engine_of, is_fence, until_blocked_or_done
 from tests.fixtures.stripe import FakeStripe
@@ -119,7 +120,10 @@ async def test_credit_purchase(
     assert await db.fetchval("SELECT count(*) FROM credit_purchases") == 1
     assert len(stripe.intents) == 1
     stored = await db.fetchrow("SELECT payment_intent_id, status FROM credit_purchases")
-    assert (stored["payment_intent_id"], stored["status"]) == (next(iter(stripe.intents)), "pending")
+    assert (stored["payment_intent_id"], stored["status"]) == (
+        next(iter(stripe.intents)),
+        PurchaseStatus.PENDING,
+    )
     if fence == 2:
         # stalled in the last phase: the retry waits for its commit and replays it
         assert original.status_code == 201 and retry.headers.get("idempotent-replayed") == "true"

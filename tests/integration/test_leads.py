@@ -7,7 +7,10 @@ from collections import Counter
 
 import asyncpg
 
-from tests.fixtures.app import PATIENT_DB, AppFactory, Client, auth, create_lead, grant
+from app.leads.models import LeadStatus
+from app.notifications.models import EmailStatus
+from app.notifications.service import EmailKind
+from tests.fixtures.app import PATIENT_DB, AppFactory, Client, auth, create_lead, grant, seed_leads
 
 
 async def test_two_hundred_funded_buyers_race_for_one_lead(
@@ -32,18 +35,16 @@ async def test_two_hundred_funded_buyers_race_for_one_lead(
     balances = dict(await db.fetch("SELECT user_id, balance FROM credit_accounts"))
     assert balances[winner] == 70
     assert sum(balances.values()) == 200 * 100 - 30
-    assert await db.fetchval("SELECT count(*) FROM outbox_emails WHERE kind = 'lead_purchased'") == 1
+    assert (
+        await db.fetchval("SELECT count(*) FROM outbox_emails WHERE kind = $1", EmailKind.LEAD_PURCHASED) == 1
+    )
 
 
 async def test_five_hundred_purchases_against_credits_for_one_hundred(
     make_client: AppFactory, db: asyncpg.Connection
 ) -> None:
     client = await make_client(rate_lead_purchases=10_000, **PATIENT_DB)
-    await db.execute(
-        "INSERT INTO leads (title, price_credits, details, status)"
-        " SELECT 'lead ' || g, 1, '{}'::jsonb, 'available' FROM generate_series(1, 500) g"
-    )
-    lead_ids = [r["id"] for r in await db.fetch("SELECT id FROM leads ORDER BY id")]
+    lead_ids = await seed_leads(db, 500)
     await grant(client, "spender", 100)
 
     responses = await asyncio.gather(
@@ -56,7 +57,7 @@ async def test_five_hundred_purchases_against_credits_for_one_hundred(
     assert statuses == {201: 100, 402: 400}, statuses
     assert all(r.json()["type"] == "insufficient-credits" for r in responses if r.status_code == 402)
     assert await db.fetchval("SELECT balance FROM credit_accounts WHERE user_id = 'spender'") == 0
-    assert await db.fetchval("SELECT count(*) FROM leads WHERE status = 'sold'") == 100
+    assert await db.fetchval("SELECT count(*) FROM leads WHERE status = $1", LeadStatus.SOLD) == 100
     assert await db.fetchval("SELECT sum(delta) FROM credit_ledger WHERE user_id = 'spender'") == 0
     assert await db.fetchval("SELECT min(balance_after) FROM credit_ledger") == 0
     seen_balances = sorted(r.json()["balance"] for r in responses if r.status_code == 201)
@@ -74,7 +75,7 @@ async def test_purchase_flow_lists_and_details(client: Client, db: asyncpg.Conne
         "id": first,
         "title": "roofing, Austin",
         "price_credits": 10,
-        "status": "available",
+        "status": LeadStatus.AVAILABLE,
     }
 
     bought = await client.post(f"/v1/leads/{first}/purchase", headers=auth("u1", key="b1"))
@@ -97,9 +98,9 @@ async def test_purchase_flow_lists_and_details(client: Client, db: asyncpg.Conne
 
     email = await db.fetchrow("SELECT kind, user_id, payload, status, max_attempts FROM outbox_emails")
     assert (email["kind"], email["user_id"], email["status"], email["max_attempts"]) == (
-        "lead_purchased",
+        EmailKind.LEAD_PURCHASED,
         "u1",
-        "pending",
+        EmailStatus.PENDING,
         3,
     )
     missing = await client.post("/v1/leads/999999/purchase", headers=auth("u1", key="b2"))
@@ -108,10 +109,7 @@ async def test_purchase_flow_lists_and_details(client: Client, db: asyncpg.Conne
 
 
 async def test_lead_pages_follow_the_cursor(client: Client, db: asyncpg.Connection) -> None:
-    await db.execute(
-        "INSERT INTO leads (title, price_credits, details, status)"
-        " SELECT 'lead ' || g, 5, '{}'::jsonb, 'available' FROM generate_series(1, 7) g"
-    )
+    await seed_leads(db, 7, price=5)
     seen: list[int] = []
     cursor = None
     while True:

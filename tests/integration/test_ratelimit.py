@@ -7,7 +7,8 @@ from collections import Counter
 
 import asyncpg
 
-from tests.fixtures.app import AppFactory, auth, create_lead, grant
+from app.leads.models import LeadStatus
+from tests.fixtures.app import AppFactory, auth, create_lead, grant, seed_leads
 
 
 async def test_lead_purchases_are_limited_per_user_with_retry_after(
@@ -61,11 +62,7 @@ async def test_limit_holds_under_concurrency_and_across_app_instances(
     limits = {"rate_lead_purchases": 20, "rate_window_s": 3600}
     replicas = [await make_client(**limits), await make_client(**limits)]
     await grant(replicas[0], "u1", 1000)
-    await db.execute(
-        "INSERT INTO leads (title, price_credits, details, status)"
-        " SELECT 'lead ' || g, 1, '{}'::jsonb, 'available' FROM generate_series(1, 100) g"
-    )
-    ids = [r["id"] for r in await db.fetch("SELECT id FROM leads ORDER BY id")]
+    ids = await seed_leads(db, 100)
     responses = await asyncio.gather(
         *(
             replicas[i % 2].post(f"/v1/leads/{lead}/purchase", headers=auth("u1", key=f"k{lead}"))
@@ -75,6 +72,8 @@ async def test_limit_holds_under_concurrency_and_across_app_instances(
     assert Counter(r.status_code for r in responses) == {201: 20, 429: 80}
     # and a 429 moved nothing: the limit is checked before the purchase, not after its commit
     bought = {lead for lead, r in zip(ids, responses, strict=True) if r.status_code == 201}
-    assert {r["id"] for r in await db.fetch("SELECT id FROM leads WHERE status = 'sold'")} == bought
+    assert {
+        r["id"] for r in await db.fetch("SELECT id FROM leads WHERE status = $1", LeadStatus.SOLD)
+    } == bought
     assert await db.fetchval("SELECT balance FROM credit_accounts WHERE user_id = 'u1'") == 1000 - 20
     assert await db.fetchval("SELECT count(*) FROM credit_ledger WHERE delta < 0") == 20

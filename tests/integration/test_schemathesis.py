@@ -48,7 +48,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import Case, GenerationMode
 
-from tests.fixtures.app import ADMIN, TEST_SECRET, AppFactory, Client, create_lead, grant, token
+from tests.fixtures.app import ADMIN, TEST_SECRET, AppFactory, Client, create_lead, grant, seed_leads, token
 
 USER = "fuzz-user"
 # per operation and generation mode: JSON bodies are a much larger space than a few query parameters
@@ -281,14 +281,9 @@ async def test_fuzzed_authorization_and_idempotency_keys_never_get_a_5xx(
     user = ADMIN if is_admin else USER
     cases = generate(schema, method, path, GenerationMode.POSITIVE, HEADER_EXAMPLES, VALUES)
     if "{lead_id}" in path:  # a lead of its own per case: good headers buy it, down to the email outbox
-        rows = await db.fetch(
-            "INSERT INTO leads (title, price_credits, details, status)"
-            " SELECT 'header lead ' || g, 1, '{}'::jsonb, 'available' FROM generate_series(1, $1) g"
-            " RETURNING id",
-            len(cases),
-        )
-        for (case, _), row in zip(cases, rows, strict=True):
-            case.path_parameters = {**(case.path_parameters or {}), "lead_id": row["id"]}
+        leads = await seed_leads(db, len(cases), title="header lead")
+        for (case, _), lead in zip(cases, leads, strict=True):
+            case.path_parameters = {**(case.path_parameters or {}), "lead_id": lead}
     faulty = [
         (case, fault_headers(FAULTS[i % len(FAULTS)], drawn, user, is_admin))
         for i, (case, drawn) in enumerate(cases)
