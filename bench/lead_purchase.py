@@ -9,8 +9,9 @@ One run, no arguments needed:
    with a bearer token and a fresh Idempotency-Key -> peak purchases/s;
    HTTP, open loop: a fixed arrival rate of half that peak -> p50/p99 (target: p99 < 25 ms);
 5. baseline: the same transactions as `purchase_lead` (key insert, rate-limit upsert, the fenced
-   purchase transaction), statement for statement, straight through an asyncpg pool; closed loop
-   with 64 workers, then open loop at the same arrival rate as the HTTP open loop;
+   purchase transaction), statement for statement (the service's own statements, compiled as
+   SQLAlchemy sends them), straight through an asyncpg pool; closed loop with 64 workers, then
+   open loop at the same arrival rate as the HTTP open loop;
 6. both side by side with the ratios, then SQL checks (no negative balance, sold leads == 201s).
 
 The load generators run in their own processes (this file, with a hidden `--worker` option), so the
@@ -32,6 +33,7 @@ import asyncio
 import hashlib
 import json
 import math
+import operator
 import os
 import shutil
 import signal
@@ -56,63 +58,165 @@ SQL_USER = "bench-sql-{:02d}"
 TARGET_P99_MS = 25.0
 
 # ---------------------------------------------------------------------------------------------------------
-# The statements `purchase_lead` sends, copied from SQLAlchemy's echo of a real request (app/leads/service.py,
-# app/idempotency/service.py, app/ratelimit/service.py, app/credits/service.py, app/notifications/service.py),
-# in the same order and transactions.
+# The baseline: the statements `purchase_lead` sends, in the same order and transactions. They are the
+# service's own prebuilt text() statements, compiled by SQLAlchemy's asyncpg dialect into the exact text
+# the service sends ($n placeholders, bind casts), so a change to the service's SQL is a change to the
+# baseline's. tests/integration/test_bench_baseline.py runs one purchase each way and compares what reached
+# PostgreSQL, statement for statement and transaction for transaction.
 # ---------------------------------------------------------------------------------------------------------
 
-# idempotency._acquire: its own transaction
-SQL_KEY_INSERT = (
-    "INSERT INTO idempotency_keys (user_id, key, request_method, request_path, request_fingerprint, "
-    "recovery_point, fencing_token, locked_at) VALUES ($1::VARCHAR, $2::VARCHAR, $3::VARCHAR, $4::VARCHAR, "
-    "$5::VARCHAR, $6::VARCHAR, $7::INTEGER, now()) ON CONFLICT (user_id, key) DO NOTHING "
-    "RETURNING idempotency_keys.id"
-)
-# ratelimit.hit: its own transaction (the text() statement, verbatim)
-SQL_RATE_ADMIT = """
-    INSERT INTO rate_limits AS b (key, tat)
-    VALUES ($1, now() + make_interval(secs => $2))
-    ON CONFLICT (key) DO UPDATE
-       SET tat = greatest(b.tat, now()) + make_interval(secs => $2)
-     WHERE greatest(b.tat, now()) + make_interval(secs => $2)
-           <= now() + make_interval(secs => $3)
-    RETURNING 1
+BaselineSql = dict[str, tuple[str, list[str]]]  # statement -> (SQL as sent, its parameter names in $n order)
+
+
+def baseline_sql() -> BaselineSql:
+    """The SQL of each statement the baseline sends, compiled from the service modules' statements."""
+    from sqlalchemy.dialects.postgresql.asyncpg import dialect
+
+    from app.credits import service as credits
+    from app.idempotency import service as keys
+    from app.leads import service as leads
+    from app.notifications import service as notifications
+    from app.ratelimit import service as ratelimit
+
+    statements = {
+        "key insert": keys._INSERT_KEY,  # idempotency._acquire: its own transaction
+        "rate-limit upsert": ratelimit._ADMIT,  # ratelimit.hit: its own transaction
+        "key fence": keys._FENCE,  # idempotency.step: the purchase transaction from here
+        "lead lock": leads._LOCK_LEAD,
+        "debit": credits._DEBIT,  # credits.apply_ledger_entry
+        "ledger entry": credits._LEDGER,
+        "lead sale": leads._SELL_LEAD,
+        "purchase record": leads._RECORD_SALE,
+        "outbox insert": notifications._ENQUEUE,  # notifications.enqueue_email
+        "key finish": keys._FINISH,  # Step.finish
+    }
+    out: BaselineSql = {}
+    for name, statement in statements.items():
+        compiled = statement.compile(dialect=dialect())
+        out[name] = (str(compiled), list(compiled.positiontup or ()))
+    return out
+
+
+class _Statement:
+    """One of the service's statements; called with its parameters by name, gives asyncpg's arguments."""
+
+    __slots__ = ("_name", "_pick", "sql")
+
+    def __init__(self, name: str, sql: str, params: list[str]) -> None:
+        self._name, self.sql = name, sql
+        pick: Callable[[dict[str, Any]], Any] = operator.itemgetter(*params) if params else lambda _: ()
+        self._pick = pick if len(params) != 1 else lambda values: (pick(values),)
+
+    def __call__(self, **values: Any) -> tuple[Any, ...]:
+        try:
+            return (self.sql, *self._pick(values))
+        except KeyError as exc:
+            raise RuntimeError(
+                f"the service's {self._name} statement now binds :{exc.args[0]}, which the baseline does "
+                f"not give (bench/lead_purchase.py, baseline_purchase):\n{self.sql}"
+            ) from None
+
+
+class _Reject(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+def baseline_purchase(
+    acquire: Callable[[], Any], sql: BaselineSql, *, rate_limit: int, window_s: int, email_max_attempts: int
+) -> Callable[[int, str], Awaitable[int]]:
+    """`purchase(lead_id, user) -> status`: one lead purchase as `purchase_lead` makes it, through asyncpg.
+
+    `acquire()` opens a connection (an asyncpg pool's `acquire`); `sql` comes from `baseline_sql()`; the
+    settings are the service's (rate limit, window and email attempts, as `payguard serve` runs with).
     """
-# idempotency.step + purchase_lead's `started` phase + Step.finish: one transaction
-SQL_KEY_FENCE = (
-    "SELECT idempotency_keys.id \nFROM idempotency_keys \n"
-    "WHERE idempotency_keys.id = $1::BIGINT AND idempotency_keys.fencing_token = $2::INTEGER FOR UPDATE"
-)
-SQL_LEAD_LOCK = (
-    "SELECT leads.id, leads.title, leads.price_credits, leads.details, leads.status, leads.buyer_id, "
-    "leads.sold_at, leads.created_at \nFROM leads \nWHERE leads.id = $1::BIGINT FOR UPDATE"
-)
-SQL_DEBIT = (
-    "UPDATE credit_accounts SET balance=(credit_accounts.balance + $1::BIGINT), updated_at=now() "
-    "WHERE credit_accounts.user_id = $2::VARCHAR AND credit_accounts.balance >= $3::BIGINT "
-    "RETURNING credit_accounts.balance"
-)
-SQL_LEDGER = (
-    "INSERT INTO credit_ledger (user_id, delta, balance_after, reason, reference) VALUES ($1::VARCHAR, "
-    "$2::BIGINT, $3::BIGINT, $4::VARCHAR, $5::VARCHAR) RETURNING credit_ledger.id"
-)
-SQL_LEAD_SOLD = (
-    "UPDATE leads SET status=$1::VARCHAR, buyer_id=$2::VARCHAR, sold_at=now() WHERE leads.id = $3::BIGINT"
-)
-SQL_LEAD_PURCHASE = (
-    "INSERT INTO lead_purchases (lead_id, user_id, price_credits, ledger_entry_id) VALUES ($1::BIGINT, "
-    "$2::VARCHAR, $3::BIGINT, $4::BIGINT) RETURNING lead_purchases.id"
-)
-SQL_OUTBOX = (
-    "INSERT INTO outbox_emails (kind, user_id, recipient, payload, status, attempts, max_attempts, "
-    "last_error, trace_context, sent_at) VALUES ($1::VARCHAR, $2::VARCHAR, $3::VARCHAR, $4::JSONB, "
-    "$5::VARCHAR, $6::INTEGER, $7::INTEGER, $8::VARCHAR, $9::JSONB, $10::TIMESTAMP WITH TIME ZONE) "
-    "RETURNING outbox_emails.id, outbox_emails.next_attempt_at, outbox_emails.created_at"
-)
-SQL_KEY_FINISH = (
-    "UPDATE idempotency_keys SET recovery_point=$1::VARCHAR, locked_at=$2::TIMESTAMP WITH TIME ZONE, "
-    "response_status=$3::INTEGER, response_body=$4::VARCHAR WHERE idempotency_keys.id = $5::BIGINT"
-)
+    import msgspec
+
+    def statement(name: str) -> _Statement:
+        return _Statement(name, *sql[name])
+
+    key_insert, rate_admit = statement("key insert"), statement("rate-limit upsert")
+    key_fence, lead_lock = statement("key fence"), statement("lead lock")
+    debit, ledger = statement("debit"), statement("ledger entry")
+    lead_sale, purchase_record = statement("lead sale"), statement("purchase record")
+    outbox_insert, key_finish = statement("outbox insert"), statement("key finish")
+    interval = window_s / rate_limit
+
+    async def purchase(lead_id: int, user: str) -> int:
+        path = f"/v1/leads/{lead_id}/purchase"
+        fingerprint = hashlib.sha256(b"\n".join([b"POST", path.encode(), b""])).hexdigest()
+        async with acquire() as c, c.transaction():
+            key_id = await c.fetchval(
+                *key_insert(
+                    user_id=user,
+                    key=f"bench-{lead_id}",
+                    method="POST",
+                    path=path,
+                    fingerprint=fingerprint,
+                    point="started",
+                )
+            )
+        if key_id is None:
+            return 409
+        async with acquire() as c, c.transaction():
+            admitted = await c.fetchval(
+                *rate_admit(key=f"lead_purchase:{user}", interval=interval, window=window_s)
+            )
+        if admitted is None:
+            return 429
+        try:
+            async with acquire() as c, c.transaction():
+                if await c.fetchval(*key_fence(key_id=key_id, token=1)) is None:
+                    raise _Reject(409)
+                lead = await c.fetchrow(*lead_lock(lead_id=lead_id))
+                if lead is None:
+                    raise _Reject(404)
+                if lead["status"] != "available":
+                    raise _Reject(409)
+                price = lead["price_credits"]
+                balance = await c.fetchval(*debit(cost=price, user_id=user))
+                if balance is None:
+                    raise _Reject(402)
+                entry_id = await c.fetchval(
+                    *ledger(
+                        user_id=user,
+                        delta=-price,
+                        balance_after=balance,
+                        reason=f"purchase of lead {lead_id}",
+                        reference=f"lead_purchase:{lead_id}",
+                    )
+                )
+                await c.execute(*lead_sale(lead_id=lead_id, buyer_id=user))
+                purchase_id = await c.fetchval(
+                    *purchase_record(
+                        lead_id=lead_id, user_id=user, price_credits=price, ledger_entry_id=entry_id
+                    )
+                )
+                payload = json.dumps({"lead_id": lead_id, "purchase_id": purchase_id, "title": lead["title"]})
+                await c.fetchval(
+                    *outbox_insert(
+                        kind="lead_purchased",
+                        user_id=user,
+                        recipient=None,  # the bench's tokens carry no email claim
+                        payload=payload,
+                        max_attempts=email_max_attempts,
+                        trace_context="{}",
+                    )
+                )
+                body = msgspec.json.encode(
+                    {
+                        "purchase_id": purchase_id,
+                        "lead_id": lead_id,
+                        "price_credits": price,
+                        "balance": balance,
+                    }
+                )
+                await c.execute(*key_finish(status=201, body=body.decode(), key_id=key_id))
+        except _Reject as rejected:
+            return rejected.status
+        return 201
+
+    return purchase
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,11 +275,6 @@ class _HttpConnection(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
-
-
-class _Reject(Exception):
-    def __init__(self, status: int) -> None:
-        self.status = status
 
 
 class _CpuWatch:
@@ -300,7 +399,6 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     else:
         import asyncpg
-        import msgspec
 
         async def no_reset(_conn: Any) -> None:
             return None  # like SQLAlchemy's pool: nothing sent to the server on check-in
@@ -320,62 +418,13 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         cleanup.append(close_pool)
         slots = [None] * clients
-        interval, window = RATE_WINDOW_S / spec["rate_limit"], RATE_WINDOW_S
-        price = spec["price"]
-
-        async def purchase(lead_id: int, user: str) -> int:
-            path = f"/v1/leads/{lead_id}/purchase"
-            fingerprint = hashlib.sha256(b"\n".join([b"POST", path.encode(), b""])).hexdigest()
-            async with pool.acquire() as c, c.transaction():
-                key_id = await c.fetchval(
-                    SQL_KEY_INSERT, user, f"bench-{lead_id}", "POST", path, fingerprint, "started", 1
-                )
-            if key_id is None:
-                return 409
-            async with pool.acquire() as c, c.transaction():
-                admitted = await c.fetchval(SQL_RATE_ADMIT, f"lead_purchase:{user}", interval, window)
-            if admitted is None:
-                return 429
-            try:
-                async with pool.acquire() as c, c.transaction():
-                    if await c.fetchval(SQL_KEY_FENCE, key_id, 1) is None:
-                        raise _Reject(409)
-                    lead = await c.fetchrow(SQL_LEAD_LOCK, lead_id)
-                    if lead is None:
-                        raise _Reject(404)
-                    if lead["status"] != "available":
-                        raise _Reject(409)
-                    balance = await c.fetchval(SQL_DEBIT, -price, user, price)
-                    if balance is None:
-                        raise _Reject(402)
-                    entry_id = await c.fetchval(
-                        SQL_LEDGER,
-                        user,
-                        -price,
-                        balance,
-                        f"purchase of lead {lead_id}",
-                        f"lead_purchase:{lead_id}",
-                    )
-                    await c.execute(SQL_LEAD_SOLD, "sold", user, lead_id)
-                    purchase_id = await c.fetchval(SQL_LEAD_PURCHASE, lead_id, user, price, entry_id)
-                    payload = json.dumps(
-                        {"lead_id": lead_id, "purchase_id": purchase_id, "title": lead["title"]}
-                    )
-                    await c.fetchrow(
-                        SQL_OUTBOX, "lead_purchased", user, None, payload, "pending", 0, 3, None, "{}", None
-                    )
-                    body = msgspec.json.encode(
-                        {
-                            "purchase_id": purchase_id,
-                            "lead_id": lead_id,
-                            "price_credits": price,
-                            "balance": balance,
-                        }
-                    )
-                    await c.execute(SQL_KEY_FINISH, "finished", None, 201, body.decode(), key_id)
-            except _Reject as rejected:
-                return rejected.status
-            return 201
+        purchase = baseline_purchase(
+            pool.acquire,
+            spec["statements"],
+            rate_limit=spec["rate_limit"],
+            window_s=RATE_WINDOW_S,
+            email_max_attempts=spec["email_max_attempts"],
+        )
 
         async def call(slot: Any, lead_id: int, user: str) -> int:
             try:
@@ -762,7 +811,8 @@ def main(argv: list[str] | None = None) -> int:
             "pool": pool_size,
             "server_settings": server_settings,
             "rate_limit": RATE_LIMIT,
-            "price": LEAD_PRICE,
+            "email_max_attempts": defaults.email_max_attempts,
+            "statements": baseline_sql(),
         }
 
         def phase(label: str, base: dict[str, Any], **spec: Any) -> dict[str, Any]:
