@@ -132,6 +132,11 @@ def baseline_purchase(
     """
     import msgspec
 
+    from app.idempotency.service import RecoveryPoint
+    from app.leads.models import LeadStatus
+    from app.notifications.models import EmailStatus
+    from app.notifications.service import EmailKind
+
     def statement(name: str) -> _Statement:
         return _Statement(name, *sql[name])
 
@@ -153,7 +158,8 @@ def baseline_purchase(
                     method="POST",
                     path=path,
                     fingerprint=fingerprint,
-                    point="started",
+                    params=json.dumps({"lead_id": lead_id, "recipient": None}),
+                    point=RecoveryPoint.STARTED,
                 )
             )
         if key_id is None:
@@ -171,7 +177,7 @@ def baseline_purchase(
                 lead = await c.fetchrow(*lead_lock(lead_id=lead_id))
                 if lead is None:
                     raise _Reject(404)
-                if lead["status"] != "available":
+                if lead["status"] != LeadStatus.AVAILABLE:
                     raise _Reject(409)
                 price = lead["price_credits"]
                 balance = await c.fetchval(*debit(cost=price, user_id=user))
@@ -186,7 +192,7 @@ def baseline_purchase(
                         reference=f"lead_purchase:{lead_id}",
                     )
                 )
-                await c.execute(*lead_sale(lead_id=lead_id, buyer_id=user))
+                await c.execute(*lead_sale(lead_id=lead_id, buyer_id=user, sold=LeadStatus.SOLD))
                 purchase_id = await c.fetchval(
                     *purchase_record(
                         lead_id=lead_id, user_id=user, price_credits=price, ledger_entry_id=entry_id
@@ -195,10 +201,11 @@ def baseline_purchase(
                 payload = json.dumps({"lead_id": lead_id, "purchase_id": purchase_id, "title": lead["title"]})
                 await c.fetchval(
                     *outbox_insert(
-                        kind="lead_purchased",
+                        kind=EmailKind.LEAD_PURCHASED,
                         user_id=user,
                         recipient=None,  # the bench's tokens carry no email claim
                         payload=payload,
+                        status=EmailStatus.PENDING,
                         max_attempts=email_max_attempts,
                         trace_context="{}",
                     )
@@ -211,7 +218,9 @@ def baseline_purchase(
                         "balance": balance,
                     }
                 )
-                await c.execute(*key_finish(status=201, body=body.decode(), key_id=key_id))
+                await c.execute(
+                    *key_finish(status=201, body=body.decode(), point=RecoveryPoint.FINISHED, key_id=key_id)
+                )
         except _Reject as rejected:
             return rejected.status
         return 201
