@@ -258,6 +258,8 @@ async def _acquire(services: Services, req: KeyedRequest, params: Mapping[str, A
         if live:
             IDEMPOTENCY.labels(IdempotencyOutcome.IN_USE).inc()
             raise IdempotencyKeyInUse("a request with this Idempotency-Key is still in progress")
+        if not key.request_params:  # made before keys kept their parameters (migration 0002)
+            key.request_params = dict(params)
         return await _take(session, key)
 
 

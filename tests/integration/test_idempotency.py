@@ -250,3 +250,20 @@ async def test_a_key_held_by_a_live_request_is_not_completed(client: Client, db:
     assert await complete_abandoned(client.app.state.services, key_id, PURCHASE_PHASES) is None
     assert await db.fetchval("SELECT fencing_token FROM idempotency_keys") == 1
     assert await db.fetchval("SELECT count(*) FROM credit_purchases") == 0
+
+
+async def test_a_key_made_before_keys_kept_parameters_resumes_with_the_retry_s(
+    client: Client, stripe: FakeStripe, db: asyncpg.Connection
+) -> None:
+    # a request that died before migration 0002 left its key at `started` with no parameters
+    first = await buy(client, "u1", "old-key")
+    assert first.status_code == 201
+    await db.execute("DELETE FROM credit_purchases")
+    await db.execute(
+        "UPDATE idempotency_keys SET request_params = '{}', recovery_point = $1, response_status = NULL,"
+        " response_body = NULL, locked_at = now() - interval '1 hour'",
+        RecoveryPoint.STARTED,
+    )
+    retried = await buy(client, "u1", "old-key")
+    assert retried.status_code == 201, retried.text
+    assert await db.fetchval("SELECT request_params->>'package_id' FROM idempotency_keys") == "starter"
