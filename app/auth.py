@@ -22,6 +22,11 @@ MAX_TOKEN_BYTES = 8192
 JWKS_RETRY_AFTER_S = 5
 
 
+def is_user_id(sub: str) -> bool:
+    """The rule for a token's `sub`: 1-255 printable characters (it is stored in 255-wide columns)."""
+    return 1 <= len(sub) <= 255 and sub.isprintable()
+
+
 class NotAuthenticated(ServiceError):
     status, type, title = 401, "unauthorized", "Authentication required"
 
@@ -117,7 +122,7 @@ class Authenticator:
         except (jwt.PyJWTError, ValueError) as exc:
             raise NotAuthenticated(f"invalid bearer token: {type(exc).__name__}") from None
         sub, role, email = claims.get("sub"), claims.get("role"), claims.get("email")
-        if not isinstance(sub, str) or not 1 <= len(sub) <= 255 or not sub.isprintable():
+        if not isinstance(sub, str) or not is_user_id(sub):
             raise NotAuthenticated("the token's sub must be a printable user id of 1-255 characters")
         return Caller(
             user_id=sub,

@@ -147,8 +147,9 @@ def _seconds(raw: str) -> int:
 
 
 def _user_id(raw: str) -> str:
-    # the server's rule for `sub` (app.auth): a token it would always refuse is not printed
-    if not 1 <= len(raw) <= 255 or not raw.isprintable():
+    from app.auth import is_user_id
+
+    if not is_user_id(raw):  # a token the server would always refuse is not printed
         raise argparse.ArgumentTypeError("must be 1-255 printable characters")
     return raw
 
