@@ -98,6 +98,7 @@ def _prepare_for_server_user(data_dir: Path, pgdata: Path) -> None:
             f"the data directory's path is too long for PostgreSQL's socket ({socket}); choose a shorter "
             "PAYGUARD_DATA_DIR"
         )
+    _check_path_to(data_dir)  # before anything is changed or copied for a server that could never start
     # entering our own data directory is all the server needs from it (pgdata becomes its own)
     data_dir.chmod(data_dir.stat().st_mode | stat.S_IXGRP | stat.S_IXOTH)
     for name in ("ensure_prefix_permissions", "ensure_folder_permissions"):
