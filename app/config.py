@@ -73,8 +73,32 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     stripe_timeout_s: Seconds = 20.0
     stripe_max_network_retries: Count = 2  # the SDK resends with the same idempotency key
 
+    # Stripe webhooks
+    stripe_webhook_secrets: tuple[str, ...] = ()  # every one is accepted: rotation
+    webhook_tolerance_s: Positive = 300  # a signature older than this is a replay
+    webhook_max_body_bytes: Positive = 512 * 1024
+
     # email
-    email_max_attempts: Positive = 3
+    smtp_host: str | None = None  # unset: emails wait in the outbox as held
+    smtp_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 587
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = True
+    smtp_timeout_s: Seconds = 15.0
+    mail_from: str = "payguard <payguard@localhost>"
+
+    # the worker and the retry engine
+    run_worker: bool = True  # `serve` runs the worker too; off where a worker Deployment runs it
+    retry_driver: Literal["local", "kubernetes"] = "local"
+    worker_batch_size: Positive = 100
+    worker_concurrency: Positive = 10  # items of one batch handled at once (each holds a connection)
+    worker_lease_s: Seconds = 60.0  # a killed worker's claims are taken over after this
+    worker_poll_interval_s: Seconds = 1.0  # the fallback when no NOTIFY arrives
+    email_max_retries: Count = 3
+    webhook_max_retries: Count = 5
+    retry_base_delay_s: Seconds = 10.0  # first retry after 5-10 s, then doubling
+    retry_max_delay_s: Seconds = 3_600.0
+    replay_max_events: Positive = 10_000  # one replay request handles at most this many events
 
     # idempotency keys
     idempotency_lock_timeout_s: Seconds = 90.0  # a crashed request's lock becomes takeable
@@ -110,9 +134,15 @@ ENV_VARS: dict[str, str] = {
     "STRIPE_SECRET_KEY": "stripe_secret_key",
     "STRIPE_API_BASE": "stripe_api_base",
     "STRIPE_API_VERSION": "stripe_api_version",
+    "STRIPE_WEBHOOK_SECRETS": "stripe_webhook_secrets",
+    "SMTP_HOST": "smtp_host",
+    "SMTP_PORT": "smtp_port",
+    "SMTP_USERNAME": "smtp_username",
+    "SMTP_PASSWORD": "smtp_password",
+    "SMTP_STARTTLS": "smtp_starttls",
+    "MAIL_FROM": "mail_from",
 }
-# API.md's STRIPE_WEBHOOK_SECRETS, SMTP_*, MAIL_FROM, PAYGUARD_RETRY_DRIVER, OTEL_* and SENTRY_DSN become
-# settings with the code that reads them (webhook and worker issues), not before
+# API.md's OTEL_* and SENTRY_DSN become settings with the code that reads them, not before
 # every other field is PAYGUARD_<FIELD> (PAYGUARD_RATE_LEAD_PURCHASES, ...)
 for _field in msgspec.structs.fields(Settings):
     if _field.name not in ENV_VARS.values():
@@ -128,6 +158,8 @@ def _coerce(var: str, field: str, raw: str) -> Any:
             raise ConfigError(f"{var} is not valid JSON ({exc}); expected a list of packages") from None
     if field == "log_level":
         return raw.upper()
+    if field == "stripe_webhook_secrets":
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw
 
 

@@ -123,12 +123,12 @@ class _Reject(Exception):
 
 
 def baseline_purchase(
-    acquire: Callable[[], Any], sql: BaselineSql, *, rate_limit: int, window_s: int, email_max_attempts: int
+    acquire: Callable[[], Any], sql: BaselineSql, *, rate_limit: int, window_s: int
 ) -> Callable[[int, str], Awaitable[int]]:
     """`purchase(lead_id, user) -> status`: one lead purchase as `purchase_lead` makes it, through asyncpg.
 
     `acquire()` opens a connection (an asyncpg pool's `acquire`); `sql` comes from `baseline_sql()`; the
-    settings are the service's (rate limit, window and email attempts, as `payguard serve` runs with).
+    settings are the service's (rate limit and window, as `payguard serve` runs with).
     """
     import msgspec
 
@@ -205,8 +205,7 @@ def baseline_purchase(
                         user_id=user,
                         recipient=None,  # the bench's tokens carry no email claim
                         payload=payload,
-                        status=EmailStatus.PENDING,
-                        max_attempts=email_max_attempts,
+                        status=EmailStatus.SKIPPED,  # nobody to send it to
                         trace_context="{}",
                     )
                 )
@@ -432,7 +431,6 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             spec["statements"],
             rate_limit=spec["rate_limit"],
             window_s=RATE_WINDOW_S,
-            email_max_attempts=spec["email_max_attempts"],
         )
 
         async def call(slot: Any, lead_id: int, user: str) -> int:
@@ -820,7 +818,6 @@ def main(argv: list[str] | None = None) -> int:
             "pool": pool_size,
             "server_settings": server_settings,
             "rate_limit": RATE_LIMIT,
-            "email_max_attempts": defaults.email_max_attempts,
             "statements": baseline_sql(),
         }
 

@@ -8,10 +8,14 @@ from app.db.base import Base, one_of
 
 
 class PurchaseStatus(StrEnum):
-    PENDING = "pending"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELED = "canceled"
+    """A purchase only moves forward: pending -> failed -> succeeded -> refunded (failed may still
+    succeed: the card was retried), so an older event arriving late changes nothing."""
+
+    PENDING = "pending"  # waiting for Stripe
+    FAILED = "failed"  # the payment failed or was canceled
+    SUCCEEDED = "succeeded"  # paid and credited
+    REFUNDED = "refunded"  # refunded in full; its credits taken back
+    ABANDONED = "abandoned"  # the request died before any intent was made: no money moved
 
 
 class CreditAccount(Base):
@@ -48,6 +52,7 @@ class CreditPurchase(Base):
     __tablename__ = "credit_purchases"
     __table_args__ = (
         CheckConstraint("credits > 0 AND amount > 0", name="positive"),
+        CheckConstraint("credits_reversed BETWEEN 0 AND credits", name="reversed_within_credits"),
         CheckConstraint(one_of("status", PurchaseStatus), name="status_known"),
         Index("ix_credit_purchases_user_id", "user_id"),
     )
@@ -64,5 +69,7 @@ class CreditPurchase(Base):
     # the Stripe account (a per-database sequence would collide within Stripe's 24 h key window)
     stripe_idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
     payment_intent_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    recipient: Mapped[str | None] = mapped_column(String(320))  # the receipt's address, from the token
+    credits_reversed: Mapped[int] = mapped_column(BigInteger, server_default="0")  # by refunds, so far
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -2,10 +2,21 @@
 
 from app.credits import models as credits
 from app.db.base import Base
+from app.failures import models as failures
 from app.idempotency import models as idempotency
 from app.leads import models as leads
 from app.notifications import models as notifications
 from app.ratelimit import models as ratelimit
+from app.webhooks import models as webhooks
 
 metadata = Base.metadata
-__all__ = ["credits", "idempotency", "leads", "metadata", "notifications", "ratelimit"]
+__all__ = [
+    "credits",
+    "failures",
+    "idempotency",
+    "leads",
+    "metadata",
+    "notifications",
+    "ratelimit",
+    "webhooks",
+]

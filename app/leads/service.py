@@ -128,7 +128,6 @@ async def _sell_lead(services: Services, key: Key) -> Finish:
             user_id=key.user_id,
             recipient=key.params["recipient"],
             payload={"lead_id": lead_id, "purchase_id": purchase_id, "title": lead.title},
-            max_attempts=settings.email_max_attempts,
         )
         out = LeadPurchaseOut(purchase_id, lead_id, lead.price_credits, balance)
         return await st.finish(201, out)

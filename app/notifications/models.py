@@ -1,8 +1,9 @@
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
+from uuid import UUID
 
-from sqlalchemy import BigInteger, CheckConstraint, DateTime, Index, Integer, String, Text, func
+from sqlalchemy import BigInteger, CheckConstraint, DateTime, Index, String, Uuid, func, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -10,9 +11,16 @@ from app.db.base import Base, one_of
 
 
 class EmailStatus(StrEnum):
-    PENDING = "pending"
+    PENDING = "pending"  # waiting for the worker
+    HELD = "held"  # no SMTP server is configured; goes out once one is
     SENT = "sent"
-    DEAD = "dead"
+    FAILED = "failed"  # a send failed; its failed operation retries it
+    DEAD = "dead"  # the retries ran out (or it was discarded); see its failed operation
+    SKIPPED = "skipped"  # nobody to send it to (the token had no email); what it says is in the API
+
+
+# the worker sends these
+SENDABLE = (EmailStatus.PENDING, EmailStatus.HELD)
 
 
 class OutboxEmail(Base):
@@ -22,20 +30,22 @@ class OutboxEmail(Base):
     __table_args__ = (
         CheckConstraint(one_of("status", EmailStatus), name="status_known"),
         Index(
-            "ix_outbox_emails_due", "next_attempt_at", postgresql_where=f"status = '{EmailStatus.PENDING}'"
+            "ix_outbox_emails_sendable",
+            "id",
+            postgresql_where=text(f"status IN ('{EmailStatus.PENDING}', '{EmailStatus.HELD}')"),
         ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    # random: the Message-ID is unique across every database, and the same on every retry
+    public_id: Mapped[UUID] = mapped_column(Uuid, unique=True, server_default=text("gen_random_uuid()"))
     kind: Mapped[str] = mapped_column(String(64))
     user_id: Mapped[str] = mapped_column(String(255))
     recipient: Mapped[str | None] = mapped_column(String(320))
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
     status: Mapped[str] = mapped_column(String(16), default=EmailStatus.PENDING)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    max_attempts: Mapped[int] = mapped_column(Integer)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    last_error: Mapped[str | None] = mapped_column(Text)
+    lease_token: Mapped[int | None] = mapped_column(BigInteger)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     trace_context: Mapped[dict[str, str]] = mapped_column(JSONB, default=dict)  # W3C traceparent
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

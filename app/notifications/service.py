@@ -14,12 +14,12 @@ from app.notifications.models import EmailStatus
 
 class EmailKind(StrEnum):
     LEAD_PURCHASED = "lead_purchased"
+    CREDITS_PURCHASED = "credits_purchased"  # the receipt, once the payment's credits are granted
 
 
 _ENQUEUE = text(
-    "INSERT INTO outbox_emails (kind, user_id, recipient, payload, status, attempts, max_attempts,"
-    " trace_context) VALUES (:kind, :user_id, :recipient, :payload, :status, 0, :max_attempts,"
-    " :trace_context) RETURNING id"
+    "INSERT INTO outbox_emails (kind, user_id, recipient, payload, status, trace_context)"
+    " VALUES (:kind, :user_id, :recipient, :payload, :status, :trace_context) RETURNING id"
 ).bindparams(bindparam("payload", type_=JSONB), bindparam("trace_context", type_=JSONB))
 
 
@@ -30,10 +30,13 @@ async def enqueue_email(
     user_id: str,
     recipient: str | None,
     payload: dict[str, Any],
-    max_attempts: int,
     trace_context: dict[str, str] | None = None,
 ) -> int:
-    """Add an email to the outbox in the caller's transaction: it exists iff the change commits."""
+    """Add an email to the outbox in the caller's transaction: it exists iff the change commits.
+
+    With no recipient (the caller's token carried no email) it is kept as `skipped`: what it
+    says stays readable through the API.
+    """
     email_id: int = await session.scalar(
         _ENQUEUE,
         {
@@ -41,8 +44,7 @@ async def enqueue_email(
             "user_id": user_id,
             "recipient": recipient,
             "payload": payload,
-            "status": EmailStatus.PENDING,
-            "max_attempts": max_attempts,
+            "status": EmailStatus.PENDING if recipient else EmailStatus.SKIPPED,
             "trace_context": trace_context or {},
         },
     )

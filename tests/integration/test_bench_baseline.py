@@ -32,7 +32,7 @@ SELECT (SELECT row(status, buyer_id)::text FROM leads WHERE id = $1) AS lead,
        (SELECT array_agg(row(lead_id, user_id, price_credits)::text) FROM lead_purchases) AS purchases,
        (SELECT array_agg(row(user_id, delta, balance_after, reason, reference)::text ORDER BY id)
           FROM credit_ledger) AS ledger,
-       (SELECT array_agg(row(kind, user_id, recipient, payload, status, attempts, max_attempts)::text)
+       (SELECT array_agg(row(kind, user_id, recipient, payload, status)::text)
           FROM outbox_emails) AS emails,
        (SELECT array_agg(row(key, recovery_point, locked_at IS NULL, response_status, response_body)::text)
           FROM idempotency_keys WHERE user_id = $2) AS keys
@@ -127,7 +127,6 @@ async def test_the_baseline_sends_what_a_purchase_over_http_sends(
                 baseline_sql(),
                 rate_limit=settings.rate_lead_purchases,
                 window_s=settings.rate_window_s,
-                email_max_attempts=settings.email_max_attempts,
             )
             assert await purchase(lead_id, BUYER) == 201
             after_baseline = await baseline.conn.fetchrow(_OUTCOME, lead_id, BUYER)

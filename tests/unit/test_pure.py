@@ -38,7 +38,8 @@ def test_settings_from_the_environment() -> None:
 def test_defaults_are_safe() -> None:
     s = load_settings({})
     assert s.embedded and s.stripe_secret_key is None
-    assert s.email_max_attempts == 3
+    assert (s.email_max_retries, s.webhook_max_retries) == (3, 5)
+    assert s.stripe_webhook_secrets == () and s.smtp_host is None and s.retry_driver == "local"
 
 
 @pytest.mark.parametrize(

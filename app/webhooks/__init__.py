@@ -1,0 +1,1 @@
+"""Stripe webhooks: verified, stored once, acknowledged at once, handled later by the worker."""

@@ -1,0 +1,1 @@
+"""The worker: claims queued work under leases with fencing tokens and runs each domain's tasks."""
