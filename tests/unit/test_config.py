@@ -58,7 +58,7 @@ def test_every_numeric_setting_refuses_a_negative_value(field: str) -> None:
         ("PAYGUARD_DB_LOCK_TIMEOUT_MS", "0"),
         ("PAYGUARD_TOKEN_TTL_S", "0"),
         ("PAYGUARD_STRIPE_TIMEOUT_S", "0"),
-        ("PAYGUARD_EMAIL_MAX_ATTEMPTS", "0"),
+        ("PAYGUARD_WORKER_BATCH_SIZE", "0"),
         ("PAYGUARD_IDEMPOTENCY_LOCK_TIMEOUT_S", "0"),
         ("PAYGUARD_MAX_BODY_BYTES", "0"),
         ("PAYGUARD_RATE_WINDOW_S", "0"),
