@@ -24,6 +24,8 @@ from app.leads.routes import LeadsAdminController, LeadsController
 from app.observability.http import observe_requests
 from app.payments.gateway import PaymentGateway
 from app.services import Services
+from app.webhooks.routes import webhook_routes
+from app.webhooks.service import EventWriter
 
 
 def provide_services(state: State) -> Services:
@@ -45,6 +47,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             CreditsAdminController,
             LeadsController,
             LeadsAdminController,
+            webhook_routes(settings),
         ],
         dependencies={
             "services": Provide(provide_services, sync_to_thread=False),
@@ -69,6 +72,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
     )
     app.state.services = services
     app.state.auth = Authenticator(settings)
+    app.state.events = EventWriter(engine)
     # outermost layer, so 404s and 405s raised while routing are counted and logged too, and so are
     # requests refused for their headers before anything else runs
     app.asgi_handler = observe_requests(

@@ -16,6 +16,7 @@ from app.main import create_app
 from tests.fixtures.app import TEST_SECRET, AppFactory, Client
 from tests.fixtures.serve import postgres_data_dir
 from tests.fixtures.stripe import FakeStripe, start_fake_stripe
+from tests.fixtures.webhooks import WEBHOOK_SECRET
 
 TEMPLATE = "payguard_template"
 _db_numbers = itertools.count(1)
@@ -103,6 +104,8 @@ def settings_for(db_url: str, stripe: FakeStripe) -> Callable[..., Settings]:
             "stripe_secret_key": "sk_test_payguard",
             "stripe_api_base": stripe.url,
             "stripe_max_network_retries": 0,
+            "stripe_webhook_secrets": (WEBHOOK_SECRET,),
+            "run_worker": False,  # tests that want the worker run it themselves
             "log_level": "WARNING",
         }
         values.update(overrides)

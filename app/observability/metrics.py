@@ -66,3 +66,51 @@ STRIPE_REQUESTS = Counter(
     "payguard_stripe_requests_total", "Calls to Stripe by operation and outcome", ["operation", "outcome"]
 )
 CREDITS_GRANTED = Counter("payguard_credits_granted_total", "Credits granted, by reason", ["reason"])
+
+
+class WebhookReceipt(StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    BAD_SIGNATURE = "bad_signature"  # missing, forged or stale
+    BAD_EVENT = "bad_event"  # not JSON, or not a Stripe event
+    NOT_CONFIGURED = "not_configured"
+
+
+class WorkOutcome(StrEnum):
+    """What one attempt at a queued item (event, email, retry) came to."""
+
+    DONE = "done"  # handled, sent, succeeded
+    IGNORED = "ignored"  # an event we do not act on
+    HELD = "held"  # an email waiting for SMTP to be configured
+    FAILED = "failed"  # will be retried
+    DEAD = "dead"  # no more retries: a human looks at its failed operation
+    FENCED = "fenced"  # this worker lost its lease: its commit was refused
+
+
+class Queue(StrEnum):
+    WEBHOOK_EVENTS = "webhook_events"
+    OUTBOX = "outbox"
+    RETRIES = "retries"  # failed operations due for another attempt
+
+
+WEBHOOKS_RECEIVED = Counter(
+    "payguard_webhooks_received_total",
+    "Stripe deliveries by event type (handled types by name, else other) and outcome (WebhookReceipt)",
+    ["type", "outcome"],
+)
+WORK_DONE = Counter(
+    "payguard_work_items_total",
+    "Attempts at queued work by queue (Queue), kind (event type, email kind, operation kind) and outcome",
+    ["queue", "kind", "outcome"],
+)
+WEBHOOK_LAG = Histogram(
+    "payguard_webhook_lag_seconds",
+    "From an event's receipt to the commit of its handling",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+WORKER_CLAIMS = Counter("payguard_worker_claims_total", "Items claimed by workers, by queue", ["queue"])
+LEASE_TAKEOVERS = Counter(
+    "payguard_worker_lease_takeovers_total",
+    "Items claimed whose previous lease had expired (its worker died or stalled), by queue",
+    ["queue"],
+)

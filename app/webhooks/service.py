@@ -1,0 +1,216 @@
+"""Webhook ingest: verify, store once, acknowledge. Handling is the worker's (app/webhooks/tasks.py).
+
+The hot path does nothing but verify and insert. Concurrent deliveries share one
+commit: while one flush is in flight, arriving events wait, and the next flush
+writes all of them with one multi-row INSERT. Each delivery is answered only after
+the commit that holds its row, so an acknowledged event is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+import msgspec
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.config import Settings
+from app.observability.metrics import WEBHOOKS_RECEIVED, WebhookReceipt
+from app.problems import ServiceError
+from app.validation import check_free_json
+from app.webhooks.models import EventStatus
+from app.webhooks.schemas import StripeId
+from app.webhooks.signature import SignatureError, verify
+
+log = logging.getLogger("payguard.webhooks")
+
+WORK_CHANNEL = "payguard_work"  # the worker LISTENs here; one NOTIFY per commit, never per row
+
+
+class WebhooksNotConfigured(ServiceError):
+    status, type, title = 503, "webhooks-not-configured", "Stripe webhooks are not configured"
+
+
+class InvalidSignature(ServiceError):
+    status, type, title = 400, "invalid-signature", "The Stripe signature does not verify"
+
+
+class InvalidEvent(ServiceError):
+    status, type, title = 400, "invalid-event", "The body is not a Stripe event"
+
+
+class _Object(msgspec.Struct):
+    id: str | None = None
+    payment_intent: str | None = None
+
+
+class _Data(msgspec.Struct):
+    object: _Object = msgspec.field(default_factory=_Object)
+
+
+class _Event(msgspec.Struct):
+    id: Annotated[str, StripeId]
+    type: Annotated[str, StripeId]
+    created: Annotated[int, msgspec.Meta(ge=0, le=2**40)] | None = None
+    data: _Data = msgspec.field(default_factory=_Data)
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    event_id: str
+    type: str
+    object_id: str | None  # what the event is about: the PaymentIntent, for charges too
+    created: float  # Stripe's, in Unix seconds
+    payload: str  # the body as delivered (JSON)
+
+
+def parse_event(body: bytes, *, received_at: float) -> NewEvent:
+    """What we index of a Stripe event; InvalidEvent when the body is not one."""
+    try:
+        event = msgspec.json.decode(body, type=_Event)
+        check_free_json(msgspec.json.decode(body))  # jsonb holds no NUL; nesting stays bounded
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+        raise InvalidEvent(f"the body is not a Stripe event: {str(exc).split(' - at', 1)[0]}") from None
+    obj = event.data.object
+    about = obj.payment_intent if event.type.startswith("charge.") else obj.id
+    if about is not None and len(about) > 255:
+        raise InvalidEvent("the event's object id is longer than Stripe's ids")
+    created = float(event.created) if event.created is not None else received_at
+    return NewEvent(event.id, event.type, about, created, body.decode())
+
+
+_INSERT = text(
+    "INSERT INTO webhook_events (event_id, type, object_id, stripe_created, payload, status, attempts)"
+    " SELECT e.event_id, e.type, e.object_id, to_timestamp(e.created), e.payload::jsonb, :status, 0"
+    " FROM unnest(CAST(:event_ids AS text[]), CAST(:types AS text[]), CAST(:object_ids AS text[]),"
+    " CAST(:created AS float8[]), CAST(:payloads AS text[]))"
+    " AS e(event_id, type, object_id, created, payload)"
+    " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+)
+_NOTIFY = text(f"SELECT pg_notify('{WORK_CHANNEL}', 'webhook_events')")
+
+
+class EventWriter:
+    """Group commit for incoming events: one INSERT and one commit per flush, however many wait."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._waiting: list[tuple[NewEvent, asyncio.Future[bool]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def store(self, event: NewEvent) -> bool:
+        """Store `event` unless its id is stored already; True if this call stored it, after the commit."""
+        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((event, stored))
+        if self._flusher is None:
+            # its own task: a delivery whose client goes away does not cancel the others' commit
+            self._flusher = asyncio.create_task(self._flush_while_waiting())
+        return await asyncio.shield(stored)
+
+    async def _flush_while_waiting(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    new = await self._insert([event for event, _ in batch])
+                except DBAPIError as exc:
+                    if not _bad_value(exc) or len(batch) == 1:
+                        _fail(batch, exc)
+                        continue
+                    # one event PostgreSQL cannot hold must not refuse the others: one at a time
+                    self._waiting = batch[1:] + self._waiting
+                    batch = batch[:1]
+                    try:
+                        new = await self._insert([batch[0][0]])
+                    except DBAPIError as exc:
+                        _fail(batch, exc)
+                        continue
+                except Exception as exc:  # the whole batch failed: each delivery hears why (503 or 500)
+                    _fail(batch, exc)
+                    continue
+                for event, stored in batch:
+                    # of several deliveries of one id in one batch, only the first is the new one
+                    first = event.event_id in new
+                    new.discard(event.event_id)
+                    if not stored.done():
+                        stored.set_result(first)
+        finally:
+            self._flusher = None
+
+    async def _insert(self, events: list[NewEvent]) -> set[str]:
+        params = {
+            "status": EventStatus.PENDING,
+            "event_ids": [e.event_id for e in events],
+            "types": [e.type for e in events],
+            "object_ids": [e.object_id for e in events],
+            "created": [e.created for e in events],
+            "payloads": [e.payload for e in events],
+        }
+        async with self._engine.begin() as conn:
+            new = set((await conn.execute(_INSERT, params)).scalars())
+            if new:
+                await conn.execute(_NOTIFY)
+        return new
+
+
+def _bad_value(exc: DBAPIError) -> bool:
+    """A data exception (invalid text for jsonb, an unpaired surrogate): the event's fault, not ours."""
+    return str(getattr(exc.orig, "sqlstate", "") or "").startswith("22")
+
+
+def _fail(batch: list[tuple[NewEvent, asyncio.Future[bool]]], exc: Exception) -> None:
+    for _, stored in batch:
+        if not stored.done():
+            stored.set_exception(exc)
+
+
+async def receive_event(settings: Settings, writer: EventWriter, body: bytes, signature: str | None) -> bool:
+    """Verify and store one delivery: exactly one row per Stripe event id. True if it was a duplicate."""
+    if not settings.stripe_webhook_secrets:
+        WEBHOOKS_RECEIVED.labels("unknown", WebhookReceipt.NOT_CONFIGURED).inc()
+        raise WebhooksNotConfigured("set STRIPE_WEBHOOK_SECRETS to the endpoint's signing secrets")
+    now = time.time()
+    try:
+        verify(
+            body,
+            signature,
+            settings.stripe_webhook_secrets,
+            now=now,
+            tolerance_s=settings.webhook_tolerance_s,
+        )
+    except SignatureError as exc:
+        WEBHOOKS_RECEIVED.labels("unknown", WebhookReceipt.BAD_SIGNATURE).inc()
+        raise InvalidSignature(str(exc)) from None
+    try:
+        event = parse_event(body, received_at=now)
+    except InvalidEvent:
+        WEBHOOKS_RECEIVED.labels("unknown", WebhookReceipt.BAD_EVENT).inc()
+        raise
+    try:
+        new = await writer.store(event)
+    except DBAPIError as exc:
+        if _bad_value(exc):
+            WEBHOOKS_RECEIVED.labels("unknown", WebhookReceipt.BAD_EVENT).inc()
+            raise InvalidEvent("the event cannot be stored (invalid JSON value)") from None
+        raise
+    outcome = WebhookReceipt.ACCEPTED if new else WebhookReceipt.DUPLICATE
+    WEBHOOKS_RECEIVED.labels(metric_type(event.type), outcome).inc()
+    return not new
+
+
+HANDLED_TYPES = (
+    "payment_intent.succeeded",
+    "payment_intent.payment_failed",
+    "payment_intent.canceled",
+    "charge.refunded",
+)
+
+
+def metric_type(event_type: str) -> str:
+    """Types we handle by name; everything else as `other`, so a sender cannot grow our label set."""
+    return event_type if event_type in HANDLED_TYPES else "other"
