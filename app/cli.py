@@ -1,4 +1,4 @@
-"""payguard serve | migrate | token (worker, operator, jobs and demo arrive with their issues)."""
+"""payguard serve | worker | migrate | token (operator, jobs and demo arrive with their issues)."""
 
 from __future__ import annotations
 
@@ -97,6 +97,41 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
     log.info("stopped")
 
 
+def worker(settings: Settings, args: argparse.Namespace) -> None:
+    import asyncio
+
+    from app.db.engine import create_engine, session_factory
+    from app.db.migrate import upgrade
+    from app.payments.gateway import PaymentGateway
+    from app.services import Services
+    from app.worker.registry import OPERATIONS
+    from app.worker.runner import Worker
+
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.metrics_host)
+
+    async def run(url: str) -> None:
+        engine = create_engine(settings, url)
+        services = Services(settings, session_factory(engine), PaymentGateway(settings), OPERATIONS)
+        runner = Worker(services, engine)
+        loop = asyncio.get_running_loop()
+        for signum in STOP_SIGNALS:  # stop claiming, finish or give back what is held, exit 0
+            loop.add_signal_handler(signum, runner.stop)
+        log.info(
+            "worker running", extra={"smtp": settings.smtp_host is not None, "driver": settings.retry_driver}
+        )
+        try:
+            await runner.run()
+        finally:
+            await engine.dispose()
+
+    with database(settings) as url:
+        upgrade(url)
+        asyncio.run(run(url))
+
+
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -160,6 +195,10 @@ def _port(raw: str) -> int:
     return int(raw)
 
 
+def _port_or_off(raw: str) -> int:
+    return 0 if raw == "0" else _port(raw)
+
+
 def _revision(raw: str) -> str:
     if not raw.strip():
         raise argparse.ArgumentTypeError("must name a revision, such as head")
@@ -202,6 +241,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=_port, default=8000, help="TCP port to listen on (default 8000)")
     s.set_defaults(run=serve)
+    w = command(
+        "worker",
+        "handle stored webhook events, send outbox emails and retry failed operations until SIGTERM",
+        database,
+        data_dir,
+        "  SMTP_HOST            outgoing mail server; unset: emails wait in the outbox as held",
+        "  PAYGUARD_RETRY_DRIVER local: this worker retries failed operations; kubernetes: the operator does",
+    )
+    w.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics (default 127.0.0.1)")
+    w.add_argument(
+        "--metrics-port", type=_port_or_off, default=9100, help="port of /metrics, 0 for none (default 9100)"
+    )
+    w.set_defaults(run=worker)
     m = command("migrate", "apply the database migrations, then exit", database, data_dir)
     m.add_argument(
         "--revision",

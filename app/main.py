@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -26,6 +28,8 @@ from app.payments.gateway import PaymentGateway
 from app.services import Services
 from app.webhooks.routes import webhook_routes
 from app.webhooks.service import EventWriter
+from app.worker.registry import OPERATIONS
+from app.worker.runner import Worker
 
 
 def provide_services(state: State) -> Services:
@@ -35,9 +39,17 @@ def provide_services(state: State) -> Services:
 
 def create_app(settings: Settings, database_url: str) -> Litestar:
     engine = create_engine(settings, database_url)
-    services = Services(settings, session_factory(engine), PaymentGateway(settings))
+    services = Services(settings, session_factory(engine), PaymentGateway(settings), OPERATIONS)
+    worker = Worker(services, engine)
+    running: list[asyncio.Task[None]] = []
 
-    async def dispose_engine() -> None:
+    async def start_worker() -> None:
+        if settings.run_worker:  # off where a worker Deployment runs it
+            running.append(asyncio.create_task(worker.run()))
+
+    async def stop_worker_then_engine() -> None:
+        worker.stop()
+        await asyncio.gather(*running)
         await engine.dispose()
 
     app = Litestar(
@@ -57,7 +69,8 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,
         request_class=PayguardRequest,
-        on_shutdown=[dispose_engine],
+        on_startup=[start_worker],
+        on_shutdown=[stop_worker_then_engine],
         openapi_config=OpenAPIConfig(
             title="payguard",
             version="1",
@@ -71,6 +84,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
         debug=False,
     )
     app.state.services = services
+    app.state.worker = worker
     app.state.auth = Authenticator(settings)
     app.state.events = EventWriter(engine)
     # outermost layer, so 404s and 405s raised while routing are counted and logged too, and so are

@@ -5,12 +5,17 @@ Built once by `create_app` (or a worker); domains import it, the HTTP shell does
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.payments.gateway import PaymentGateway
+
+if TYPE_CHECKING:
+    from app.failures.service import Operation
 
 
 @dataclass(frozen=True)
@@ -18,3 +23,5 @@ class Services:
     settings: Settings
     sessions: async_sessionmaker[AsyncSession]
     payments: PaymentGateway
+    # what a retry of each kind of failed operation does (app/worker/registry.py)
+    operations: Mapping[str, Operation] = field(default_factory=dict)

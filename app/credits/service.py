@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import func, insert, select, text, update
@@ -18,8 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from app.context import Caller
 from app.credits.models import CreditAccount, CreditPurchase, LedgerEntry, PurchaseStatus
 from app.credits.schemas import GrantOut, LedgerItem, LedgerPage, Package, PurchaseOut
+from app.failures.engine import NeedsHuman
 from app.idempotency import service as keys
 from app.idempotency.service import Finish, Key, KeyedRequest, MoveTo, Phases, RecoveryPoint, Result, step
+from app.notifications import service as notifications
 from app.observability.metrics import (
     CREDITS_GRANTED,
     PURCHASES,
@@ -38,10 +41,6 @@ log = logging.getLogger("payguard.credits")
 
 class InsufficientCredits(ServiceError):
     status, type, title = 402, "insufficient-credits", "Not enough credits"
-
-
-class PaymentMismatch(ServiceError):
-    status, type, title = 409, "payment-mismatch", "Payment does not match the purchase"
 
 
 def list_packages(services: Services) -> list[Package]:
@@ -106,7 +105,8 @@ async def purchase_credits(
     if services.settings.package(package_id) is None:
         raise NotFound(f"no credit package {package_id!r}", package_id=package_id)
     try:
-        result = await keys.run(services, request, {"package_id": package_id}, PURCHASE_PHASES)
+        params = {"package_id": package_id, "recipient": caller.email}
+        result = await keys.run(services, request, params, PURCHASE_PHASES)
     except ServiceError as exc:
         if exc.status >= 500:
             PURCHASES.labels(PurchaseKind.CREDITS, PurchaseOutcome.FAILED).inc()
@@ -141,6 +141,7 @@ async def _record_purchase(services: Services, key: Key) -> MoveTo | Finish:
                 currency=package.currency,
                 status=PurchaseStatus.PENDING,
                 stripe_idempotency_key=f"payguard-credit-purchase-{uuid.uuid4()}",
+                recipient=key.params.get("recipient"),
             )
         )
         return await st.move(RecoveryPoint.PURCHASE_CREATED)
@@ -195,53 +196,147 @@ PURCHASE_PHASES: Phases = {
 }
 
 
-@dataclass(frozen=True)
-class PaymentGrant:
-    purchase_id: int
-    user_id: str
-    credits: int
-    balance: int
-    newly_granted: bool
+class Settlement(StrEnum):
+    """What a Stripe event did to a credit purchase (the webhook event's recorded outcome)."""
+
+    GRANTED = "granted"
+    MARKED_FAILED = "marked_failed"
+    REVERSED = "reversed"  # a refund took credits back (all of them, or what the balance held)
+    UNCHANGED = "unchanged"  # a duplicate, or older than the state the purchase is in
+    NOT_OURS = "not_ours"  # no credit purchase has this intent
 
 
-async def grant_purchased_credits(
-    services: Services, *, payment_intent_id: str, amount: int, currency: str
-) -> PaymentGrant:
-    """Grant a paid package's credits: exactly once per payment intent, whatever the retries.
+# the purchase's row, locked: every event about one intent waits for the one before it
+_LOCK_PURCHASE = text(
+    "SELECT id, user_id, package_id, credits, amount, currency, status, recipient, credits_reversed"
+    " FROM credit_purchases WHERE payment_intent_id = :intent_id FOR UPDATE"
+)
+_SET_PURCHASE = text(
+    "UPDATE credit_purchases SET status = :status, credits_reversed = :reversed, updated_at = now()"
+    " WHERE id = :id"
+)
+_BALANCE = text("SELECT balance FROM credit_accounts WHERE user_id = :user_id FOR UPDATE")
 
-    The purchase is found by the intent id (never by metadata alone) and locked;
-    amount and currency must match what was charged.
+
+def _check_paid(purchase: Any, amount: int, currency: str) -> None:
+    if (purchase.amount, purchase.currency) != (amount, currency.lower()):
+        PURCHASES.labels(PurchaseKind.CREDITS, PurchaseOutcome.MISMATCH).inc()
+        raise NeedsHuman(
+            f"Stripe reports {amount} {currency} for purchase {purchase.id},"
+            f" which expects {purchase.amount} {purchase.currency}: nothing was granted"
+        )
+
+
+async def _grant_paid(conn: AsyncConnection, purchase: Any, intent_id: str) -> None:
+    """Credit a paid purchase and queue its receipt, in the caller's transaction."""
+    _, balance = await apply_ledger_entry(
+        conn,
+        user_id=purchase.user_id,
+        delta=purchase.credits,
+        reason=f"purchase of package {purchase.package_id}",
+        reference=f"payment_intent:{intent_id}",
+    )
+    await conn.execute(_SET_PURCHASE, {"id": purchase.id, "status": PurchaseStatus.SUCCEEDED, "reversed": 0})
+    await notifications.enqueue_email(
+        conn,
+        kind=notifications.EmailKind.CREDITS_PURCHASED,
+        user_id=purchase.user_id,
+        recipient=purchase.recipient,
+        payload={
+            "purchase_id": purchase.id,
+            "credits": purchase.credits,
+            "amount": purchase.amount,
+            "currency": purchase.currency,
+            "balance": balance,
+        },
+    )
+
+
+async def settle_paid_intent(
+    conn: AsyncConnection, *, intent_id: str, amount: int, currency: str
+) -> Settlement:
+    """payment_intent.succeeded: credits granted exactly once per intent, only if amount and currency match.
+
+    A failed purchase can still succeed (the card was retried); a refunded one is never granted again.
     """
-    async with services.sessions() as session, session.begin():
-        purchase = await session.scalar(
-            select(CreditPurchase)
-            .where(CreditPurchase.payment_intent_id == payment_intent_id)
-            .with_for_update()
-        )
-        if purchase is None:
-            raise NotFound(f"no credit purchase for payment intent {payment_intent_id}")
-        if (purchase.amount, purchase.currency) != (amount, currency.lower()):
-            PURCHASES.labels(PurchaseKind.CREDITS, PurchaseOutcome.MISMATCH).inc()
-            raise PaymentMismatch(
-                f"intent paid {amount} {currency}, purchase expects {purchase.amount} {purchase.currency}"
-            )
-        if purchase.status == PurchaseStatus.SUCCEEDED:
-            balance = await session.scalar(
-                select(CreditAccount.balance).where(CreditAccount.user_id == purchase.user_id)
-            )
-            return PaymentGrant(purchase.id, purchase.user_id, purchase.credits, balance or 0, False)
-        _, balance = await apply_ledger_entry(
-            session,
+    purchase = (await conn.execute(_LOCK_PURCHASE, {"intent_id": intent_id})).first()
+    if purchase is None:
+        return Settlement.NOT_OURS
+    _check_paid(purchase, amount, currency)
+    if purchase.status in (PurchaseStatus.SUCCEEDED, PurchaseStatus.REFUNDED):
+        return Settlement.UNCHANGED
+    await _grant_paid(conn, purchase, intent_id)
+    return Settlement.GRANTED
+
+
+async def mark_payment_failed(conn: AsyncConnection, *, intent_id: str) -> Settlement:
+    """payment_intent.payment_failed / .canceled: a pending purchase failed; any later state stands."""
+    purchase = (await conn.execute(_LOCK_PURCHASE, {"intent_id": intent_id})).first()
+    if purchase is None:
+        return Settlement.NOT_OURS
+    if purchase.status not in (PurchaseStatus.PENDING, PurchaseStatus.ABANDONED):
+        return Settlement.UNCHANGED
+    await conn.execute(
+        _SET_PURCHASE,
+        {"id": purchase.id, "status": PurchaseStatus.FAILED, "reversed": purchase.credits_reversed},
+    )
+    return Settlement.MARKED_FAILED
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """Refunded credits the balance did not hold (already spent): a human decides."""
+
+    user_id: str
+    purchase_id: int
+    credits: int
+
+
+async def reverse_refund(
+    conn: AsyncConnection, *, intent_id: str, amount: int, refunded: int, currency: str
+) -> tuple[Settlement, Shortfall | None]:
+    """charge.refunded: take back the refunded share of the credits, once per cumulative refund.
+
+    `refunded` is the charge's amount_refunded so far: two events about the same refund take
+    back nothing twice. The balance never goes negative: what it cannot give back is returned
+    as a Shortfall. A purchase whose success was not handled yet is granted first (the charge
+    proves the payment), so the late success event then changes nothing.
+    """
+    purchase = (await conn.execute(_LOCK_PURCHASE, {"intent_id": intent_id})).first()
+    if purchase is None:
+        return Settlement.NOT_OURS, None
+    _check_paid(purchase, amount, currency)
+    if purchase.status not in (PurchaseStatus.SUCCEEDED, PurchaseStatus.REFUNDED):
+        await _grant_paid(conn, purchase, intent_id)
+    target = purchase.credits * min(refunded, amount) // amount
+    to_take = target - purchase.credits_reversed
+    if to_take <= 0:
+        return Settlement.UNCHANGED, None
+    balance = await conn.scalar(_BALANCE, {"user_id": purchase.user_id}) or 0
+    take = min(balance, to_take)
+    if take:
+        await apply_ledger_entry(
+            conn,
             user_id=purchase.user_id,
-            delta=purchase.credits,
-            reason=f"purchase of package {purchase.package_id}",
-            reference=f"payment_intent:{payment_intent_id}",
+            delta=-take,
+            reason=f"refund of package {purchase.package_id}",
+            reference=f"refund:{intent_id}:{refunded}",
         )
-        purchase.status = PurchaseStatus.SUCCEEDED
-        purchase.updated_at = func.now()
-    PURCHASES.labels(PurchaseKind.CREDITS, PurchaseOutcome.SUCCEEDED).inc()
-    CREDITS_GRANTED.labels(CreditReason.PURCHASE).inc(purchase.credits)
-    return PaymentGrant(purchase.id, purchase.user_id, purchase.credits, balance, True)
+    status = PurchaseStatus.REFUNDED if refunded >= amount else PurchaseStatus.SUCCEEDED
+    await conn.execute(_SET_PURCHASE, {"id": purchase.id, "status": status, "reversed": target})
+    shortfall = Shortfall(purchase.user_id, purchase.id, to_take - take) if take < to_take else None
+    return Settlement.REVERSED, shortfall
+
+
+async def take_back_shortfall(conn: AsyncConnection, *, user_id: str, credits: int, reference: str) -> bool:
+    """Take back what a refund could not, if the balance now holds all of it (never a negative balance)."""
+    balance = await conn.scalar(_BALANCE, {"user_id": user_id}) or 0
+    if balance < credits:
+        return False
+    await apply_ledger_entry(
+        conn, user_id=user_id, delta=-credits, reason="refund shortfall", reference=reference
+    )
+    return True
 
 
 async def grant_credits(

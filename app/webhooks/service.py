@@ -26,10 +26,9 @@ from app.validation import check_free_json
 from app.webhooks.models import EventStatus
 from app.webhooks.schemas import StripeId
 from app.webhooks.signature import SignatureError, verify
+from app.worker.leases import WORK_CHANNEL
 
 log = logging.getLogger("payguard.webhooks")
-
-WORK_CHANNEL = "payguard_work"  # the worker LISTENs here; one NOTIFY per commit, never per row
 
 
 class WebhooksNotConfigured(ServiceError):
@@ -92,7 +91,7 @@ _INSERT = text(
     " AS e(event_id, type, object_id, created, payload)"
     " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
 )
-_NOTIFY = text(f"SELECT pg_notify('{WORK_CHANNEL}', 'webhook_events')")
+_NOTIFY = text(f"SELECT pg_notify('{WORK_CHANNEL}', 'webhook_events')")  # once per commit
 
 
 class EventWriter:

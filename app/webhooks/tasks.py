@@ -1,0 +1,206 @@
+"""What the worker does with stored Stripe events: handle each once, in order per PaymentIntent.
+
+A claim takes only events with no older unfinished event about the same object, so the
+events of one intent are handled one at a time in Stripe's `created` order while other
+intents proceed in parallel. Handlers are idempotent per event and per intent: the
+purchase only moves forward (see PurchaseStatus), so a late older event changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.credits import service as credits
+from app.failures import service as failures
+from app.failures.models import FailureStatus, OperationKind
+from app.observability.metrics import (
+    LEASE_TAKEOVERS,
+    WEBHOOK_LAG,
+    WORK_DONE,
+    WORKER_CLAIMS,
+    Queue,
+    WorkOutcome,
+)
+from app.services import Services
+from app.webhooks.models import UNFINISHED, EventStatus
+from app.webhooks.service import HANDLED_TYPES, metric_type
+from app.worker.leases import Claimed, Commit, claim_statement, fence_statement, fenced_attempt
+
+_CLAIM = claim_statement(
+    "webhook_events",
+    "t.status = :pending AND NOT EXISTS (SELECT 1 FROM webhook_events o WHERE o.object_id = t.object_id"
+    " AND o.status IN (:pending, :failed) AND (o.stripe_created, o.id) < (t.stripe_created, t.id))",
+    "t.id",
+    "w.id, w.event_id, w.type, w.payload, w.received_at",
+)
+_FENCE = fence_statement("webhook_events")
+_LOCK = text(
+    "SELECT id, event_id, type, payload, received_at, status FROM webhook_events WHERE id = :id FOR UPDATE"
+)
+_DONE = text(
+    "UPDATE webhook_events SET status = :status, outcome = :outcome, attempts = attempts + 1,"
+    " handled_at = now(), lease_token = NULL, lease_expires_at = NULL WHERE id = :id"
+)
+_FAILED = text(
+    "UPDATE webhook_events SET status = :status, attempts = attempts + 1, lease_token = NULL,"
+    " lease_expires_at = NULL WHERE id = :id"
+)
+
+
+class _Object(msgspec.Struct):
+    id: str | None = None
+    payment_intent: str | None = None
+    amount: int = 0
+    amount_received: int | None = None
+    amount_refunded: int = 0
+    currency: str = ""
+
+
+class _Data(msgspec.Struct):
+    object: _Object
+
+
+class _Event(msgspec.Struct):
+    data: _Data
+
+
+def _payload(raw: Any) -> dict[str, Any]:
+    return raw if isinstance(raw, dict) else msgspec.json.decode(raw)
+
+
+async def apply_event(
+    conn: AsyncConnection, services: Services, event_type: str, payload: dict[str, Any]
+) -> str:
+    """The effect of one event, in the caller's transaction: a Settlement, or ignored."""
+    if event_type not in HANDLED_TYPES:
+        return WorkOutcome.IGNORED
+    obj = msgspec.convert(payload, _Event).data.object
+    if event_type == "payment_intent.succeeded":
+        if obj.id is None:
+            return WorkOutcome.IGNORED
+        paid = obj.amount_received if obj.amount_received is not None else obj.amount
+        return await credits.settle_paid_intent(conn, intent_id=obj.id, amount=paid, currency=obj.currency)
+    if event_type in ("payment_intent.payment_failed", "payment_intent.canceled"):
+        if obj.id is None:
+            return WorkOutcome.IGNORED
+        return await credits.mark_payment_failed(conn, intent_id=obj.id)
+    if obj.payment_intent is None:
+        return WorkOutcome.IGNORED
+    settlement, shortfall = await credits.reverse_refund(
+        conn,
+        intent_id=obj.payment_intent,
+        amount=obj.amount,
+        refunded=obj.amount_refunded,
+        currency=obj.currency,
+    )
+    if shortfall is not None:
+        now: datetime = await conn.scalar(text("SELECT now()"))
+        await failures.record_failure(
+            conn,
+            services.settings,
+            kind=OperationKind.REFUND_SHORTFALL,
+            reference=f"{obj.payment_intent}:{obj.amount_refunded}",
+            item_id=shortfall.purchase_id,
+            payload={
+                "user_id": shortfall.user_id,
+                "purchase_id": shortfall.purchase_id,
+                "credits": shortfall.credits,
+            },
+            now=now,
+            error=f"{shortfall.credits} refunded credits were already spent; the balance is 0",
+            permanent=True,
+        )
+    return settlement
+
+
+def _status(outcome: str) -> EventStatus:
+    ignored = outcome in (WorkOutcome.IGNORED, credits.Settlement.NOT_OURS)
+    return EventStatus.IGNORED if ignored else EventStatus.HANDLED
+
+
+async def _mark_done(conn: AsyncConnection, event_id: int, outcome: str) -> None:
+    await conn.execute(_DONE, {"id": event_id, "status": _status(outcome), "outcome": outcome})
+
+
+async def claim_due_events(services: Services, batch: int) -> list[Claimed]:
+    params = {
+        "batch": batch,
+        "lease_s": services.settings.worker_lease_s,
+        "pending": EventStatus.PENDING,
+        "failed": EventStatus.FAILED,
+    }
+    async with services.sessions() as session, session.begin():
+        rows = (await session.execute(_CLAIM, params)).all()
+    WORKER_CLAIMS.labels(Queue.WEBHOOK_EVENTS).inc(len(rows))
+    if taken := sum(r.taken_over for r in rows):
+        LEASE_TAKEOVERS.labels(Queue.WEBHOOK_EVENTS).inc(taken)
+    return [Claimed(r.id, r.token, r.taken_over, r) for r in rows]
+
+
+async def handle_event(services: Services, item: Claimed) -> str:
+    """First attempt at a claimed event: its effect and its new status commit together, under the fence."""
+    row = item.row
+    payload = _payload(row.payload)
+
+    async def perform() -> Commit:
+        async def commit(conn: AsyncConnection) -> str:
+            return await apply_event(conn, services, row.type, payload)
+
+        return commit
+
+    async def succeed(conn: AsyncConnection, now: datetime, outcome: str) -> str:
+        await _mark_done(conn, row.id, outcome)
+        return WorkOutcome.IGNORED if _status(outcome) == EventStatus.IGNORED else WorkOutcome.DONE
+
+    async def fail(conn: AsyncConnection, now: datetime, error: str, permanent: bool) -> str:
+        state = await failures.record_failure(
+            conn,
+            services.settings,
+            kind=OperationKind.WEBHOOK,
+            reference=row.event_id,
+            item_id=row.id,
+            payload={"event_id": row.event_id, "type": row.type},
+            now=now,
+            error=error,
+            permanent=permanent,
+        )
+        dead = state.status == FailureStatus.DEAD
+        await conn.execute(
+            _FAILED, {"id": row.id, "status": EventStatus.DEAD if dead else EventStatus.FAILED}
+        )
+        return WorkOutcome.DEAD if dead else WorkOutcome.FAILED
+
+    outcome = await fenced_attempt(services.sessions, _FENCE, item, perform, succeed, fail)
+    WORK_DONE.labels(Queue.WEBHOOK_EVENTS, metric_type(row.type), outcome).inc()
+    if outcome in (WorkOutcome.DONE, WorkOutcome.IGNORED):
+        WEBHOOK_LAG.observe(max(0.0, time.time() - row.received_at.timestamp()))
+    return outcome
+
+
+class EventHandling:
+    """A failed event's retry: the same handler, on the event's row, under the failed operation's lease."""
+
+    async def perform(self, services: Services, item_id: int | None, payload: dict[str, Any]) -> Commit:
+        async def commit(conn: AsyncConnection) -> str:
+            event = (await conn.execute(_LOCK, {"id": item_id})).first()
+            if event is None:
+                return WorkOutcome.IGNORED  # pruned: nothing left to do
+            outcome = await apply_event(conn, services, event.type, _payload(event.payload))
+            await _mark_done(conn, event.id, outcome)
+            return outcome
+
+        return commit
+
+    async def give_up(self, conn: AsyncConnection, item_id: int | None) -> None:
+        await conn.execute(_SET_STATUS, {"id": item_id, "status": EventStatus.DEAD, "open": list(UNFINISHED)})
+
+
+_SET_STATUS = text(
+    "UPDATE webhook_events SET status = :status WHERE id = :id AND status = ANY(CAST(:open AS text[]))"
+)

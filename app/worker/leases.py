@@ -1,0 +1,122 @@
+"""Claims are leases with a fencing token, the same SQL for every queue.
+
+A claim sets a fresh token from one sequence and a lease expiry on the database's
+clock; an item whose lease has expired (its worker died or stalled) can be claimed
+again, which changes the token. The transaction that commits an effect first locks
+the item where the token is still its own, so a worker that lost its lease can
+never commit: its fence finds no row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import TextClause, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+
+WORK_CHANNEL = "payguard_work"  # the worker LISTENs here; one NOTIFY per commit, never per row
+
+
+def claim_statement(table: str, due: str, order_by: str, returning: str) -> TextClause:
+    """Lease up to :batch due rows of `table` for :lease_s seconds; RETURNING `returning`, taken_over, token.
+
+    `due` and `order_by` are SQL over the alias `t`; they must not depend on the lease columns.
+    """
+    return text(
+        f"WITH due AS (SELECT t.id, t.lease_token IS NOT NULL AS taken_over FROM {table} t"
+        f" WHERE {due} AND (t.lease_expires_at IS NULL OR t.lease_expires_at < now())"
+        f" ORDER BY {order_by} LIMIT :batch FOR UPDATE OF t SKIP LOCKED)"
+        f" UPDATE {table} w SET lease_token = nextval('work_lease_tokens'),"
+        f" lease_expires_at = now() + make_interval(secs => :lease_s)"
+        f" FROM due WHERE w.id = due.id RETURNING due.taken_over, w.lease_token AS token, {returning}"
+    )
+
+
+def fence_statement(table: str, columns: str = "t.id") -> TextClause:
+    """Lock row :id if its lease is still :token's; no row means this worker lost it."""
+    return text(f"SELECT {columns} FROM {table} t WHERE t.id = :id AND t.lease_token = :token FOR UPDATE")
+
+
+def release_statement(table: str) -> TextClause:
+    """Give back leases not acted on (shutdown): claimable again at once, not after the lease."""
+    return text(
+        f"UPDATE {table} SET lease_token = NULL, lease_expires_at = NULL"
+        " WHERE id = ANY(CAST(:ids AS bigint[])) AND lease_token = ANY(CAST(:tokens AS bigint[]))"
+    )
+
+
+FENCED = "fenced"  # the outcome of an attempt whose worker had lost its lease
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A leased row: commit nothing about it unless the fence still finds `token` on it."""
+
+    id: int
+    token: int
+    taken_over: bool  # the previous lease had expired: its worker died or stalled
+    row: Any  # the claim's RETURNING row
+
+
+Commit = Callable[[AsyncConnection], Awaitable[str]]  # the effect, in the fenced transaction; an outcome
+Decide = Callable[[AsyncConnection, datetime, str], Awaitable[str]]  # (now, outcome): record the success
+Fail = Callable[[AsyncConnection, datetime, str, bool], Awaitable[str]]  # (now, error, needs a human)
+
+
+def describe(exc: BaseException) -> tuple[str, bool]:
+    """(error text, permanent) for a failed attempt: only NeedsHuman is permanent."""
+    from app.failures.engine import NeedsHuman, RetryLater
+
+    if isinstance(exc, NeedsHuman | RetryLater):
+        return str(exc) or type(exc).__name__, isinstance(exc, NeedsHuman)
+    return f"{type(exc).__name__}: {exc}", False
+
+
+async def fenced_attempt(
+    sessions: async_sessionmaker[AsyncSession],
+    fence: TextClause,
+    item: Claimed,
+    perform: Callable[[], Awaitable[Commit]],
+    succeed: Decide,
+    fail: Fail,
+) -> str:
+    """One attempt: `perform` outside any transaction (an SMTP send), then one transaction that
+    fences the lease, commits the effect under a savepoint and records the outcome.
+
+    A failure of the effect rolls back to the savepoint and is recorded in the same transaction;
+    a lost lease commits nothing (FENCED); losing the database loses nothing: the lease expires
+    and the item is claimed again.
+    """
+    commit: Commit | None = None
+    error: str | None = None
+    permanent = False
+    try:
+        commit = await perform()
+    except Exception as exc:
+        error, permanent = describe(exc)
+    async with sessions() as session, session.begin():
+        conn = await session.connection()
+        if (await conn.execute(fence, {"id": item.id, "token": item.token})).first() is None:
+            return FENCED
+        now: datetime = await conn.scalar(text("SELECT now()"))
+        if commit is not None:
+            try:
+                async with conn.begin_nested():
+                    outcome = await commit(conn)
+            except Exception as exc:
+                if database_gone(exc):
+                    raise
+                error, permanent = describe(exc)
+        if error is None:
+            return await succeed(conn, now, outcome)
+        return await fail(conn, now, error, permanent)
+
+
+def database_gone(exc: BaseException) -> bool:
+    """The connection itself failed: nothing can be recorded now; the lease will expire instead."""
+    from sqlalchemy.exc import DBAPIError
+
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
