@@ -15,6 +15,7 @@ from app.db.migrate import upgrade
 from app.main import create_app
 from tests.fixtures.app import TEST_SECRET, AppFactory, Client
 from tests.fixtures.serve import postgres_data_dir
+from tests.fixtures.smtp import SmtpServer
 from tests.fixtures.stripe import FakeStripe, start_fake_stripe
 from tests.fixtures.webhooks import WEBHOOK_SECRET
 
@@ -134,3 +135,18 @@ async def make_client(settings_for: Callable[..., Settings], db_url: str) -> Asy
 @pytest.fixture
 async def client(make_client: AppFactory) -> Client:
     return await make_client()
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[SmtpServer]:
+    server = SmtpServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def smtp(smtp_server: SmtpServer) -> SmtpServer:
+    """The session's SMTP server, up, accepting everything and with nothing received yet."""
+    smtp_server.reset()
+    return smtp_server
