@@ -11,7 +11,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.connection.base import empty_receive, empty_send
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
-from litestar.params import QueryParameter
+from litestar.params import PathParameter, QueryParameter
 from litestar.types import (
     ASGIApp,
     HTTPResponseStartEvent,
@@ -37,6 +37,8 @@ from app.problems import (
 
 log = logging.getLogger("payguard.http")
 
+# a row id in a path: digits only, within BIGINT, so a lookup never reaches the database with nonsense
+RowId = Annotated[str, PathParameter(pattern=r"^[1-9][0-9]{0,17}$", description="id")]
 Limit = Annotated[int, QueryParameter(ge=1, le=200, description="page size")]
 Cursor = Annotated[str | None, QueryParameter(description="next_cursor of the previous page")]
 

@@ -13,6 +13,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from app.auth import Authenticator
 from app.config import Settings
 from app.credits.routes import CreditsAdminController, CreditsController
+from app.failures.routes import FailedOperationsController
 from app.db.engine import create_engine, session_factory
 from app.health.routes import ROUTES as HEALTH_ROUTES
 from app.http import (
@@ -59,6 +60,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             CreditsAdminController,
             LeadsController,
             LeadsAdminController,
+            FailedOperationsController,
             webhook_routes(settings),
         ],
         dependencies={

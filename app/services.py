@@ -7,15 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.payments.gateway import PaymentGateway
-
-if TYPE_CHECKING:
-    from app.failures.service import Operation
 
 
 @dataclass(frozen=True)
@@ -24,4 +21,5 @@ class Services:
     sessions: async_sessionmaker[AsyncSession]
     payments: PaymentGateway
     # what a retry of each kind of failed operation does (app/worker/registry.py)
-    operations: Mapping[str, Operation] = field(default_factory=dict)
+    # (an app.failures.service.Operation each; typed loosely: Litestar resolves these hints at runtime)
+    operations: Mapping[str, Any] = field(default_factory=dict)

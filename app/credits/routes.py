@@ -14,8 +14,9 @@ from app.credits.schemas import (
     Package,
     PurchaseOut,
     PurchaseRequest,
+    PurchaseState,
 )
-from app.http import Cursor, Limit
+from app.http import Cursor, Limit, RowId
 from app.idempotency.http import IdempotencyKeyHeader, keyed, respond
 from app.services import Services
 
@@ -41,6 +42,12 @@ class CreditsController(Controller):
     ) -> Response[PurchaseOut]:
         req = keyed(request, caller, idempotency_key, data)
         return respond(await service.purchase_credits(services, caller, req, data.package_id))
+
+    @get("/purchases/{purchase_id:str}", summary="A purchase's status, to poll after paying")
+    async def purchase_state(
+        self, services: NamedDependency[Services], caller: NamedDependency[Caller], purchase_id: RowId
+    ) -> PurchaseState:
+        return await service.get_purchase(services, caller, int(purchase_id))
 
     @get("/balance")
     async def balance(self, services: NamedDependency[Services], caller: NamedDependency[Caller]) -> Balance:

@@ -58,3 +58,16 @@ class GrantRequest(msgspec.Struct, forbid_unknown_fields=True):
 class GrantOut(msgspec.Struct):
     entry_id: int
     balance: int
+
+
+class PurchaseState(msgspec.Struct):
+    """A purchase as its buyer can poll it after paying."""
+
+    purchase_id: int
+    payment_intent_id: str | None
+    status: str  # pending, succeeded, failed, refunded, abandoned
+    credits: int
+    amount: int
+    currency: str
+    created_at: datetime
+    updated_at: datetime

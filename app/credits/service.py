@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.context import Caller
 from app.credits.models import CreditAccount, CreditPurchase, LedgerEntry, PurchaseStatus
-from app.credits.schemas import GrantOut, LedgerItem, LedgerPage, Package, PurchaseOut
+from app.credits.schemas import GrantOut, LedgerItem, LedgerPage, Package, PurchaseOut, PurchaseState
 from app.failures.engine import NeedsHuman
 from app.idempotency import service as keys
 from app.idempotency.service import Finish, Key, KeyedRequest, MoveTo, Phases, RecoveryPoint, Result, step
@@ -361,6 +361,17 @@ async def _grant(services: Services, key: Key) -> Finish:
             reference=f"grant:{key.id}",
         )
         return await st.finish(201, GrantOut(entry_id, balance))
+
+
+async def get_purchase(services: Services, caller: Caller, purchase_id: int) -> PurchaseState:
+    """The caller's own purchase; another user's is not found, as if it did not exist."""
+    async with services.sessions() as session:
+        p = await session.get(CreditPurchase, purchase_id)
+    if p is None or p.user_id != caller.user_id:
+        raise NotFound(f"no credit purchase {purchase_id}")
+    return PurchaseState(
+        p.id, p.payment_intent_id, p.status, p.credits, p.amount, p.currency, p.created_at, p.updated_at
+    )
 
 
 async def get_balance(services: Services, user_id: str) -> int:

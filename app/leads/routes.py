@@ -1,20 +1,18 @@
-from typing import Annotated, Any
+from typing import Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import JSONBody, PathParameter
+from litestar.params import JSONBody
 
 from app.context import Caller
-from app.http import Cursor, Limit
+from app.http import Cursor, Limit, RowId
 from app.idempotency.http import IdempotencyKeyHeader, keyed, respond
 from app.leads import service
 from app.leads.schemas import LeadCreate, LeadCreated, LeadPage, LeadPurchaseOut, PurchasedLeadPage
 from app.services import Services
 
+
 # digits only: int() would also take "+2", " 2", "2_0" or non-ASCII digits, giving one lead many URLs
-LeadId = Annotated[str, PathParameter(pattern=r"^[1-9][0-9]{0,17}$", description="lead id")]
-
-
 class LeadsController(Controller):
     path = "/v1/leads"
     tags = ["leads"]
@@ -45,7 +43,7 @@ class LeadsController(Controller):
         request: Request[Any, Any, Any],
         services: NamedDependency[Services],
         caller: NamedDependency[Caller],
-        lead_id: LeadId,
+        lead_id: RowId,
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[LeadPurchaseOut]:
         req = keyed(request, caller, idempotency_key)
