@@ -13,8 +13,8 @@ from litestar.openapi.spec import Components, SecurityScheme
 from app.auth import Authenticator
 from app.config import Settings
 from app.credits.routes import CreditsAdminController, CreditsController
-from app.failures.routes import FailedOperationsController
 from app.db.engine import create_engine, session_factory
+from app.failures.routes import FailedOperationsController
 from app.health.routes import ROUTES as HEALTH_ROUTES
 from app.http import (
     EXCEPTION_HANDLERS,
