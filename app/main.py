@@ -27,7 +27,7 @@ from app.leads.routes import LeadsAdminController, LeadsController
 from app.observability.http import observe_requests
 from app.payments.gateway import PaymentGateway
 from app.services import Services
-from app.webhooks.routes import webhook_routes
+from app.webhooks.routes import ReplayController, webhook_routes
 from app.webhooks.service import EventWriter
 from app.worker.registry import OPERATIONS
 from app.worker.runner import Worker
@@ -61,6 +61,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             LeadsController,
             LeadsAdminController,
             FailedOperationsController,
+            ReplayController,
             webhook_routes(settings),
         ],
         dependencies={

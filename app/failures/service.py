@@ -160,10 +160,10 @@ async def _save(conn: AsyncConnection, op_id: int, state: RetryState, entry: lis
 async def run_retry(services: Services, item: Claimed) -> str:
     """One retry of a claimed failed operation: succeeded, scheduled again, or dead past its budget."""
     op = item.row
-    operation = services.operations[op.kind]
+    operation: Operation = services.operations[op.kind]
     rules = policy(services.settings, op.kind)
     state = _state(op)
-    payload = op.payload if isinstance(op.payload, dict) else {}
+    payload = op.payload if isinstance(op.payload, dict) else msgspec.json.decode(op.payload)
 
     async def perform() -> Commit:
         return await operation.perform(services, op.item_id, payload)
@@ -268,5 +268,6 @@ async def discard_failed_operation(services: Services, op_id: int) -> FailedOper
         row.status, row.next_attempt_at = state.status, None
         row.lease_token = row.lease_expires_at = None  # a retry in flight commits nothing now
         row.updated_at = await session.scalar(text("SELECT now()"))
-        await services.operations[row.kind].give_up(await session.connection(), row.item_id)
+        operation: Operation = services.operations[row.kind]
+        await operation.give_up(await session.connection(), row.item_id)
     return _out(row)

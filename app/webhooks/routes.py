@@ -1,12 +1,14 @@
 from typing import Any
 
-from litestar import Request, Router, post
+from litestar import Controller, Request, Router, post
 from litestar.di import NamedDependency
+from litestar.params import JSONBody
 
 from app.config import Settings
+from app.context import Caller
 from app.services import Services
-from app.webhooks import service
-from app.webhooks.schemas import Received
+from app.webhooks import replay, service
+from app.webhooks.schemas import Received, ReplayOut, ReplayRequest
 
 
 @post(
@@ -25,6 +27,24 @@ async def receive_stripe_event(
         services.settings, writer, body, request.headers.get("stripe-signature")
     )
     return Received(received=True, duplicate=duplicate)
+
+
+class ReplayController(Controller):
+    path = "/admin/webhooks"
+    tags = ["admin"]
+
+    @post(
+        "/replay",
+        status_code=200,
+        summary="Re-apply stored events of a time range (dry_run: say what would change)",
+    )
+    async def replay(
+        self,
+        services: NamedDependency[Services],
+        admin: NamedDependency[Caller],
+        data: JSONBody[ReplayRequest],
+    ) -> ReplayOut:
+        return await replay.replay_events(services, data)
 
 
 def webhook_routes(settings: Settings) -> Router:

@@ -70,7 +70,7 @@ class _Event(msgspec.Struct):
     data: _Data
 
 
-def _payload(raw: Any) -> dict[str, Any]:
+def payload_of(raw: Any) -> dict[str, Any]:
     return raw if isinstance(raw, dict) else msgspec.json.decode(raw)
 
 
@@ -124,7 +124,7 @@ def _status(outcome: str) -> EventStatus:
     return EventStatus.IGNORED if ignored else EventStatus.HANDLED
 
 
-async def _mark_done(conn: AsyncConnection, event_id: int, outcome: str) -> None:
+async def mark_done(conn: AsyncConnection, event_id: int, outcome: str) -> None:
     await conn.execute(_DONE, {"id": event_id, "status": _status(outcome), "outcome": outcome})
 
 
@@ -146,7 +146,7 @@ async def claim_due_events(services: Services, batch: int) -> list[Claimed]:
 async def handle_event(services: Services, item: Claimed) -> str:
     """First attempt at a claimed event: its effect and its new status commit together, under the fence."""
     row = item.row
-    payload = _payload(row.payload)
+    payload = payload_of(row.payload)
 
     async def perform() -> Commit:
         async def commit(conn: AsyncConnection) -> str:
@@ -155,7 +155,7 @@ async def handle_event(services: Services, item: Claimed) -> str:
         return commit
 
     async def succeed(conn: AsyncConnection, now: datetime, outcome: str) -> str:
-        await _mark_done(conn, row.id, outcome)
+        await mark_done(conn, row.id, outcome)
         return WorkOutcome.IGNORED if _status(outcome) == EventStatus.IGNORED else WorkOutcome.DONE
 
     async def fail(conn: AsyncConnection, now: datetime, error: str, permanent: bool) -> str:
@@ -191,8 +191,8 @@ class EventHandling:
             event = (await conn.execute(_LOCK, {"id": item_id})).first()
             if event is None:
                 return WorkOutcome.IGNORED  # pruned: nothing left to do
-            outcome = await apply_event(conn, services, event.type, _payload(event.payload))
-            await _mark_done(conn, event.id, outcome)
+            outcome = await apply_event(conn, services, event.type, payload_of(event.payload))
+            await mark_done(conn, event.id, outcome)
             return outcome
 
         return commit

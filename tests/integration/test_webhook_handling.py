@@ -235,3 +235,49 @@ async def test_interleaved_out_of_order_events_end_in_each_intents_newest_state(
         assert await balance(db, user) == (500 if expected == PurchaseStatus.SUCCEEDED else 0), user
     grants = await db.fetchval("SELECT count(*) FROM credit_ledger WHERE reference LIKE 'payment_intent:%'")
     assert grants == len(paid)
+
+
+async def test_replay_dry_run_changes_nothing_and_a_real_one_applies_only_what_failed(
+    make_client: AppFactory, db: asyncpg.Connection, db_url: str
+) -> None:
+    client = await make_client(**FAST_WORKER, db_lock_timeout_ms=50, webhook_max_retries=0)
+    handled, failing = await buy(client, key="a"), await buy(client, key="b")
+    async with running_worker(client):
+        await deliver(client, intent_event("payment_intent.succeeded", handled["payment_intent_id"], 4500))
+        await until_settled(db)
+        holder = await asyncpg.connect(host=_host(db_url), user="postgres", database=_name(db_url))
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(
+            "SELECT 1 FROM credit_purchases WHERE id = $1 FOR UPDATE", failing["purchase_id"]
+        )
+        await deliver(client, intent_event("payment_intent.succeeded", failing["payment_intent_id"], 4500))
+        await until_settled(db)
+        await tx.rollback()
+        await holder.close()
+    assert await db.fetchval("SELECT status FROM failed_operations") == FailureStatus.DEAD
+    assert await balance(db) == 500
+    window = {"from": "2000-01-01T00:00:00Z", "to": "2100-01-01T00:00:00Z"}
+    admin = auth("admin", admin=True)
+    before = await db.fetchval("SELECT count(*) FROM credit_ledger")
+
+    dry = await client.post("/admin/webhooks/replay", json={**window, "dry_run": True}, headers=admin)
+    assert dry.status_code == 200, dry.text
+    assert (dry.json()["matched"], dry.json()["would_change"], dry.json()["replayed"]) == (2, 1, 0)
+    assert await db.fetchval("SELECT count(*) FROM credit_ledger") == before
+    assert await db.fetchval("SELECT status FROM failed_operations") == FailureStatus.DEAD
+
+    real = await client.post("/admin/webhooks/replay", json={**window, "dry_run": False}, headers=admin)
+    assert (real.json()["matched"], real.json()["would_change"], real.json()["replayed"]) == (2, 1, 1)
+    again = await client.post("/admin/webhooks/replay", json={**window, "dry_run": False}, headers=admin)
+    assert (again.json()["would_change"], again.json()["replayed"]) == (0, 0)
+    assert await balance(db) == 1000
+    assert await db.fetchval("SELECT status FROM failed_operations") == FailureStatus.SUCCEEDED
+    assert (
+        await db.fetchval("SELECT count(*) FROM webhook_events WHERE status = $1", EventStatus.HANDLED) == 2
+    )
+
+    for bad in [{"from": "2100-01-01T00:00:00Z", "to": "2000-01-01T00:00:00Z"}, {"from": "x", "to": "y"}, {}]:
+        r = await client.post("/admin/webhooks/replay", json=bad, headers=admin)
+        assert r.status_code == 400, bad
+    assert (await client.post("/admin/webhooks/replay", json=window, headers=auth("u1"))).status_code == 403
