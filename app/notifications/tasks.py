@@ -29,9 +29,12 @@ _HOLD = text(
     " WHERE status = :pending ORDER BY id LIMIT :batch FOR UPDATE SKIP LOCKED)"
 )
 _LOAD = text("SELECT id, public_id, kind, recipient, payload, status FROM outbox_emails WHERE id = :id")
+_SENT = text(
+    "UPDATE outbox_emails SET status = :sent, sent_at = now(), lease_token = NULL, lease_expires_at = NULL"
+    " WHERE id = :id"
+)
 _SET = text(
-    "UPDATE outbox_emails SET status = :status, sent_at = CASE WHEN :status = 'sent' THEN now() END,"
-    " lease_token = NULL, lease_expires_at = NULL WHERE id = :id"
+    "UPDATE outbox_emails SET status = :status, lease_token = NULL, lease_expires_at = NULL WHERE id = :id"
 )
 _GIVE_UP = text("UPDATE outbox_emails SET status = :dead WHERE id = :id AND status <> :sent")
 
@@ -72,7 +75,7 @@ async def _deliver(services: Services, row: Any) -> Commit:
     await mailer.send(services.settings, message)
 
     async def commit(conn: AsyncConnection) -> str:
-        await conn.execute(_SET, {"id": row.id, "status": EmailStatus.SENT})
+        await conn.execute(_SENT, {"id": row.id, "sent": EmailStatus.SENT})
         return WorkOutcome.DONE
 
     return commit

@@ -124,7 +124,7 @@ class Worker:
             try:
                 await handle(self.services, item)
             except Exception as exc:  # its lease expires and another claim retries it
-                log.warning("attempt failed", extra={"queue": queue, "id": item.id, "error": repr(exc)})
+                log.warning("attempt failed: %r", exc, extra={"queue": queue, "id": item.id})
 
     async def _release(self, statement: Any, items: list[Claimed]) -> None:
         try:

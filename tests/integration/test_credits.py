@@ -7,9 +7,6 @@ import asyncio
 import asyncpg
 import pytest
 
-from app.credits import service as credits
-from app.credits.models import PurchaseStatus
-from app.credits.service import PaymentMismatch
 from tests.fixtures.app import ADMIN, Client, auth, grant
 
 
@@ -61,46 +58,6 @@ async def test_grant_is_idempotent(client: Client, db: asyncpg.Connection) -> No
     assert {r.status_code for r in responses} <= {201, 409}
     assert await db.fetchval("SELECT balance FROM credit_accounts WHERE user_id = 'u1'") == 50
     assert await db.fetchval("SELECT count(*) FROM credit_ledger") == 1
-
-
-async def test_paid_package_credits_are_granted_exactly_once(client: Client, db: asyncpg.Connection) -> None:
-    bought = await client.post(
-        "/v1/credits/purchases", json={"package_id": "pro"}, headers=auth("u1", key="buy")
-    )
-    intent_id = bought.json()["payment_intent_id"]
-    services = client.app.state.services
-
-    results = await asyncio.gather(
-        *(
-            credits.grant_purchased_credits(
-                services, payment_intent_id=intent_id, amount=4500, currency="usd"
-            )
-            for _ in range(100)
-        )
-    )
-    assert sum(r.newly_granted for r in results) == 1
-    assert {r.balance for r in results} == {500}
-    assert await db.fetchval("SELECT balance FROM credit_accounts WHERE user_id = 'u1'") == 500
-    assert await db.fetchval("SELECT count(*) FROM credit_ledger") == 1
-    assert await db.fetchval("SELECT status FROM credit_purchases") == PurchaseStatus.SUCCEEDED
-    ledger = (await client.get("/v1/credits/ledger", headers=auth("u1"))).json()["items"]
-    assert ledger[0]["reference"] == f"payment_intent:{intent_id}"
-
-
-async def test_grant_refuses_a_payment_that_does_not_match(client: Client, db: asyncpg.Connection) -> None:
-    bought = await client.post(
-        "/v1/credits/purchases", json={"package_id": "pro"}, headers=auth("u1", key="buy")
-    )
-    intent_id = bought.json()["payment_intent_id"]
-    services = client.app.state.services
-    with pytest.raises(PaymentMismatch):
-        await credits.grant_purchased_credits(services, payment_intent_id=intent_id, amount=1, currency="usd")
-    with pytest.raises(PaymentMismatch):
-        await credits.grant_purchased_credits(
-            services, payment_intent_id=intent_id, amount=4500, currency="eur"
-        )
-    assert await db.fetchval("SELECT count(*) FROM credit_ledger") == 0
-    assert await db.fetchval("SELECT status FROM credit_purchases") == PurchaseStatus.PENDING
 
 
 async def test_balance_can_never_go_negative_even_in_sql(db: asyncpg.Connection) -> None:
