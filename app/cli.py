@@ -132,6 +132,49 @@ def worker(settings: Settings, args: argparse.Namespace) -> None:
         asyncio.run(run(url))
 
 
+def send_test_event(settings: Settings, args: argparse.Namespace) -> None:
+    """Sign a Stripe-shaped event with the first webhook secret and POST it, as Stripe would (the tour)."""
+    import json
+    import time
+    import uuid
+
+    import httpx
+
+    from app.webhooks.signature import signature_header
+
+    if not settings.stripe_webhook_secrets:
+        raise ConfigError("STRIPE_WEBHOOK_SECRETS is not set: nothing to sign the event with")
+    status = {
+        "payment_intent.succeeded": "succeeded",
+        "payment_intent.payment_failed": "requires_payment_method",
+    }
+    event = {
+        "id": f"evt_test_{uuid.uuid4().hex}",
+        "object": "event",
+        "type": args.type,
+        "created": int(time.time()),
+        "livemode": False,
+        "data": {
+            "object": {
+                "id": args.intent,
+                "object": "payment_intent",
+                "amount": args.amount,
+                "amount_received": args.amount if args.type == "payment_intent.succeeded" else 0,
+                "currency": args.currency,
+                "status": status.get(args.type, "canceled"),
+            }
+        },
+    }
+    body = json.dumps(event).encode()
+    header = signature_header(body, settings.stripe_webhook_secrets[0], int(time.time()))
+    answer = httpx.post(
+        f"{args.url.rstrip('/')}/webhooks/stripe",
+        content=body,
+        headers={"Stripe-Signature": header, "Content-Type": "application/json"},
+    )
+    print(answer.status_code, answer.text)
+
+
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -254,6 +297,22 @@ def parser() -> argparse.ArgumentParser:
         "--metrics-port", type=_port_or_off, default=9100, help="port of /metrics, 0 for none (default 9100)"
     )
     w.set_defaults(run=worker)
+    e = command(
+        "send-test-event",
+        "sign a PaymentIntent event with the webhook secret and POST it to payguard (development aid)",
+        "  STRIPE_WEBHOOK_SECRETS the first one signs",
+    )
+    e.add_argument("--url", default="http://127.0.0.1:8000", help="payguard's base URL (default %(default)s)")
+    e.add_argument("--intent", required=True, help="the PaymentIntent id, as the purchase answered it")
+    e.add_argument("--amount", type=int, required=True, help="amount in minor units, e.g. 4500")
+    e.add_argument("--currency", default="usd", help="lowercase ISO code (default usd)")
+    e.add_argument(
+        "--type",
+        default="payment_intent.succeeded",
+        choices=["payment_intent.succeeded", "payment_intent.payment_failed", "payment_intent.canceled"],
+        help="event type (default payment_intent.succeeded)",
+    )
+    e.set_defaults(run=send_test_event)
     m = command("migrate", "apply the database migrations, then exit", database, data_dir)
     m.add_argument(
         "--revision",

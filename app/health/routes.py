@@ -28,7 +28,8 @@ async def ready(
 
 
 @get("/metrics", tags=["health"], include_in_schema=False)
-async def metrics() -> Response[bytes]:
+async def metrics(services: NamedDependency[Services]) -> Response[bytes]:
+    await service.observe_queues(services)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

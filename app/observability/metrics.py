@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 
 class PurchaseKind(StrEnum):
@@ -114,3 +114,17 @@ LEASE_TAKEOVERS = Counter(
     "Items claimed whose previous lease had expired (its worker died or stalled), by queue",
     ["queue"],
 )
+# read from the database at each scrape, so any replica reports the same, and a stall shows even when
+# nothing fails
+QUEUE_DEPTH = Gauge("payguard_queue_depth", "Items waiting in each queue (Queue)", ["queue"])
+QUEUE_OLDEST_AGE = Gauge(
+    "payguard_queue_oldest_age_seconds",
+    "Age of the oldest item waiting in each queue (0 when empty)",
+    ["queue"],
+)
+FAILED_OPERATIONS = Gauge(
+    "payguard_failed_operations",
+    "Failed operations by kind and status (dead ones need a human)",
+    ["kind", "status"],
+)
+EMAILS_HELD = Gauge("payguard_emails_held", "Emails waiting for SMTP to be configured")
