@@ -90,7 +90,8 @@ def retry_now(state: RetryState, now: datetime) -> RetryState:
     return replace(
         state,
         status=FailureStatus.RETRYING,
-        max_attempts=max(state.max_attempts, state.attempts + 1),
+        # exactly one more: a permanent failure or an early discard left budget that is not resumed
+        max_attempts=state.attempts + 1,
         next_attempt_at=now,
     )
 
