@@ -198,5 +198,9 @@ def _check(s: Settings) -> None:
     ids = [p.id for p in s.credit_packages]
     if repeated := sorted({i for i in ids if ids.count(i) > 1}):
         raise ConfigError(f"PAYGUARD_CREDIT_PACKAGES: package ids must be unique; repeated: {repeated}")
+    if s.retry_driver == "kubernetes":  # nothing would retry failed operations: refuse, do not pretend
+        raise ConfigError(
+            "PAYGUARD_RETRY_DRIVER=kubernetes needs the FailedOperation operator, not built yet: use local"
+        )
     if s.database_url is not None and not s.database_url.startswith(("postgresql", "postgres")):
         raise ConfigError("DATABASE_URL must be a PostgreSQL URL")

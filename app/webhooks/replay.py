@@ -30,6 +30,10 @@ _MATCH = text(
     " AND status <> :pending ORDER BY stripe_created, id LIMIT :limit"
 )
 _LOCK = text("SELECT id, event_id, type, payload, status FROM webhook_events WHERE id = :id FOR UPDATE")
+# taken before the event's row, in the order a retry takes them (its failed operation, then the event)
+_LOCK_OPERATION = text(
+    "SELECT id FROM failed_operations WHERE kind = :kind AND reference = :reference FOR UPDATE"
+)
 # a replay that handles a failed event settles its failed operation; a retry in flight is fenced out
 _RESOLVE = text(
     "UPDATE failed_operations SET status = :succeeded, next_attempt_at = NULL, lease_token = NULL,"
@@ -59,7 +63,7 @@ async def replay_events(services: Services, request: ReplayRequest) -> ReplayOut
         raise InvalidRange(f"more than {limit} events in the range; replay a narrower one")
     events, changed, replayed = [], 0, 0
     for match in matched:
-        outcome = await _replay_one(services, match.id, dry_run=request.dry_run)
+        outcome = await _replay_one(services, match.id, match.event_id, dry_run=request.dry_run)
         events.append(ReplayedEvent(match.event_id, match.type, outcome))
         if outcome in CHANGES:
             changed += 1
@@ -67,12 +71,13 @@ async def replay_events(services: Services, request: ReplayRequest) -> ReplayOut
     return ReplayOut(len(matched), changed, replayed, request.dry_run, events)
 
 
-async def _replay_one(services: Services, event_id: int, *, dry_run: bool) -> str:
+async def _replay_one(services: Services, row_id: int, event_id: str, *, dry_run: bool) -> str:
     async with services.sessions() as session:
         tx = await session.begin()
         conn = await session.connection()
         try:
-            event = (await conn.execute(_LOCK, {"id": event_id})).first()
+            await conn.execute(_LOCK_OPERATION, {"kind": OperationKind.WEBHOOK, "reference": event_id})
+            event = (await conn.execute(_LOCK, {"id": row_id})).first()
             if event is None:
                 return "pruned"
             try:
