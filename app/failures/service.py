@@ -27,7 +27,15 @@ from app.observability.metrics import WORK_DONE, Queue, WorkOutcome
 from app.pagination import page, parse_cursor
 from app.problems import NotFound, ServiceError
 from app.services import Services
-from app.worker.leases import WORK_CHANNEL, Claimed, Commit, claim_statement, fence_statement, fenced_attempt
+from app.worker.leases import (
+    WORK_CHANNEL,
+    Claimed,
+    Commit,
+    claim,
+    claim_statement,
+    fence_statement,
+    fenced_attempt,
+)
 
 
 class OperationSucceeded(ServiceError):
@@ -125,15 +133,15 @@ _UPDATE = text(
 
 
 async def claim_due_retries(services: Services, batch: int) -> list[Claimed]:
-    params = {
-        "batch": batch,
-        "lease_s": services.settings.worker_lease_s,
-        "pending": FailureStatus.PENDING,
-        "retrying": FailureStatus.RETRYING,
-    }
-    async with services.sessions() as session, session.begin():
-        rows = (await session.execute(_CLAIM, params)).all()
-    return [Claimed(r.id, r.token, r.taken_over, r) for r in rows]
+    return await claim(
+        services.sessions,
+        _CLAIM,
+        Queue.RETRIES,
+        batch=batch,
+        lease_s=services.settings.worker_lease_s,
+        pending=FailureStatus.PENDING,
+        retrying=FailureStatus.RETRYING,
+    )
 
 
 def _state(row: Any) -> RetryState:

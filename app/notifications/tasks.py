@@ -17,9 +17,9 @@ from app.failures import service as failures
 from app.failures.models import FailureStatus, OperationKind
 from app.notifications import mailer
 from app.notifications.models import EmailStatus
-from app.observability.metrics import LEASE_TAKEOVERS, WORK_DONE, WORKER_CLAIMS, Queue, WorkOutcome
+from app.observability.metrics import WORK_DONE, Queue, WorkOutcome
 from app.services import Services
-from app.worker.leases import Claimed, Commit, claim_statement, fence_statement, fenced_attempt
+from app.worker.leases import Claimed, Commit, claim, claim_statement, fence_statement, fenced_attempt
 
 _COLUMNS = "w.id, w.public_id, w.kind, w.recipient, w.payload"
 _CLAIM = claim_statement("outbox_emails", "t.status IN (:pending, :held)", "t.id", _COLUMNS)
@@ -50,18 +50,15 @@ async def hold_emails(services: Services, batch: int) -> int:
 
 
 async def claim_due_emails(services: Services, batch: int) -> list[Claimed]:
-    params = {
-        "batch": batch,
-        "lease_s": services.settings.worker_lease_s,
-        "pending": EmailStatus.PENDING,
-        "held": EmailStatus.HELD,
-    }
-    async with services.sessions() as session, session.begin():
-        rows = (await session.execute(_CLAIM, params)).all()
-    WORKER_CLAIMS.labels(Queue.OUTBOX).inc(len(rows))
-    if taken := sum(r.taken_over for r in rows):
-        LEASE_TAKEOVERS.labels(Queue.OUTBOX).inc(taken)
-    return [Claimed(r.id, r.token, r.taken_over, r) for r in rows]
+    return await claim(
+        services.sessions,
+        _CLAIM,
+        Queue.OUTBOX,
+        batch=batch,
+        lease_s=services.settings.worker_lease_s,
+        pending=EmailStatus.PENDING,
+        held=EmailStatus.HELD,
+    )
 
 
 async def _deliver(services: Services, row: Any) -> Commit:

@@ -20,17 +20,15 @@ from app.credits import service as credits
 from app.failures import service as failures
 from app.failures.models import FailureStatus, OperationKind
 from app.observability.metrics import (
-    LEASE_TAKEOVERS,
     WEBHOOK_LAG,
     WORK_DONE,
-    WORKER_CLAIMS,
     Queue,
     WorkOutcome,
 )
 from app.services import Services
 from app.webhooks.models import UNFINISHED, EventStatus
 from app.webhooks.service import HANDLED_TYPES, metric_type
-from app.worker.leases import Claimed, Commit, claim_statement, fence_statement, fenced_attempt
+from app.worker.leases import Claimed, Commit, claim, claim_statement, fence_statement, fenced_attempt
 
 _CLAIM = claim_statement(
     "webhook_events",
@@ -129,18 +127,16 @@ async def mark_done(conn: AsyncConnection, event_id: int, outcome: str) -> None:
 
 
 async def claim_due_events(services: Services, batch: int) -> list[Claimed]:
-    params = {
-        "batch": batch,
-        "lease_s": services.settings.worker_lease_s,
-        "pending": EventStatus.PENDING,
-        "failed": EventStatus.FAILED,
-    }
-    async with services.sessions() as session, session.begin():
-        rows = (await session.execute(_CLAIM, params)).all()
-    WORKER_CLAIMS.labels(Queue.WEBHOOK_EVENTS).inc(len(rows))
-    if taken := sum(r.taken_over for r in rows):
-        LEASE_TAKEOVERS.labels(Queue.WEBHOOK_EVENTS).inc(taken)
-    return [Claimed(r.id, r.token, r.taken_over, r) for r in rows]
+    """Due events, at most one per object: the oldest unfinished one of each."""
+    return await claim(
+        services.sessions,
+        _CLAIM,
+        Queue.WEBHOOK_EVENTS,
+        batch=batch,
+        lease_s=services.settings.worker_lease_s,
+        pending=EventStatus.PENDING,
+        failed=EventStatus.FAILED,
+    )
 
 
 async def handle_event(services: Services, item: Claimed) -> str:

@@ -15,7 +15,11 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import TextClause, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+
+from app.failures.engine import NeedsHuman, RetryLater
+from app.observability.metrics import LEASE_TAKEOVERS, WORKER_CLAIMS
 
 WORK_CHANNEL = "payguard_work"  # the worker LISTENs here; one NOTIFY per commit, never per row
 
@@ -66,10 +70,26 @@ Decide = Callable[[AsyncConnection, datetime, str], Awaitable[str]]  # (now, out
 Fail = Callable[[AsyncConnection, datetime, str, bool], Awaitable[str]]  # (now, error, needs a human)
 
 
+async def claim(
+    sessions: async_sessionmaker[AsyncSession],
+    statement: TextClause,
+    queue: str,
+    *,
+    batch: int,
+    lease_s: float,
+    **params: Any,
+) -> list[Claimed]:
+    """Run a claim statement (claim_statement) in its own transaction; count claims and takeovers."""
+    async with sessions() as session, session.begin():
+        rows = (await session.execute(statement, {"batch": batch, "lease_s": lease_s, **params})).all()
+    WORKER_CLAIMS.labels(queue).inc(len(rows))
+    if taken := sum(r.taken_over for r in rows):
+        LEASE_TAKEOVERS.labels(queue).inc(taken)
+    return [Claimed(r.id, r.token, r.taken_over, r) for r in rows]
+
+
 def describe(exc: BaseException) -> tuple[str, bool]:
     """(error text, permanent) for a failed attempt: only NeedsHuman is permanent."""
-    from app.failures.engine import NeedsHuman, RetryLater
-
     if isinstance(exc, NeedsHuman | RetryLater):
         return str(exc) or type(exc).__name__, isinstance(exc, NeedsHuman)
     return f"{type(exc).__name__}: {exc}", False
@@ -117,6 +137,4 @@ async def fenced_attempt(
 
 def database_gone(exc: BaseException) -> bool:
     """The connection itself failed: nothing can be recorded now; the lease will expire instead."""
-    from sqlalchemy.exc import DBAPIError
-
     return isinstance(exc, DBAPIError) and exc.connection_invalidated

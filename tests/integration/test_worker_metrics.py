@@ -40,7 +40,7 @@ async def test_backlog_and_deliveries_are_visible(make_client: AppFactory, db: a
         await until_settled(db)
     assert await sample(client, "payguard_queue_depth", queue="webhook_events") == 0
     assert await sample(client, "payguard_queue_oldest_age_seconds", queue="webhook_events") == 0
-    after = await sample(client, "payguard_work_items_total", queue="webhook_events", outcome="ignored")
+    after = await sample(client, "payguard_work_items_total", **ignored)
     assert after == handled_before + 1  # an intent we never created
 
 
