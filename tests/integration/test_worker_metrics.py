@@ -33,9 +33,8 @@ async def test_backlog_and_deliveries_are_visible(make_client: AppFactory, db: a
     assert await sample(client, "payguard_queue_depth", queue="webhook_events") == 1
     assert await sample(client, "payguard_queue_oldest_age_seconds", queue="webhook_events") >= 300
 
-    handled_before = await sample(
-        client, "payguard_work_items_total", queue="webhook_events", outcome="ignored"
-    )
+    ignored = dict(queue="webhook_events", kind="payment_intent.succeeded", outcome="ignored")
+    handled_before = await sample(client, "payguard_work_items_total", **ignored)
     async with running_worker(client):
         await until_settled(db)
     assert await sample(client, "payguard_queue_depth", queue="webhook_events") == 0
