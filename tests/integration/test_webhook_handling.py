@@ -220,7 +220,7 @@ async def test_interleaved_out_of_order_events_end_in_each_intents_newest_state(
             paid.add(f"user{n}")
         if n % 5 == 0 and n % 3:
             story.append(refund_event(pi, 4500, 4500, created=t + 20))
-        deliveries += story + [rng.choice(story)]  # and one duplicate of each story
+        deliveries += [*story, rng.choice(story)]  # and one duplicate of each story
     rng.shuffle(deliveries)
     async with running_worker(client):
         answers = await asyncio.gather(*(deliver(client, d) for d in deliveries))
