@@ -148,11 +148,12 @@ async def test_events_acknowledged_while_workers_are_killed_are_each_applied_onc
             deliveries = []
             for k, part in enumerate(parts):
                 before = await count_handled(db)
+                tokens = await db.fetchval("SELECT last_value FROM work_lease_tokens")
                 workers.append(WorkerProcess(db_url, tmp_path / f"worker-{k}.log", FAST))
                 deliveries.append(asyncio.create_task(_deliver(http, part, acknowledged)))
                 if k == KILLS:
                     break
-                working = partial(_working, db, before + 20)
+                working = partial(_working, db, before + 20, tokens)
                 await until(working, 60, f"worker {k} handled events and holds claims")
                 await workers[-1].kill()
             await asyncio.gather(*deliveries)
@@ -194,12 +195,13 @@ async def _deliver(http: httpx.AsyncClient, intents: list[str], acknowledged: se
     await asyncio.gather(*(one(intent) for intent in intents))
 
 
-async def _working(db: asyncpg.Connection, handled: int) -> bool:
-    """At least `handled` events are handled and some are claimed, not yet handled: mid-batch."""
+async def _working(db: asyncpg.Connection, handled: int, tokens: int) -> bool:
+    """At least `handled` events are handled, and some claimed since token `tokens` are not yet: mid-batch."""
     return await count_handled(db) >= handled and bool(
         await db.fetchval(
-            "SELECT count(*) FROM webhook_events WHERE status = $1 AND lease_expires_at > now()",
+            "SELECT count(*) FROM webhook_events WHERE status = $1 AND lease_token > $2",
             EventStatus.PENDING,
+            tokens,
         )
     )
 
