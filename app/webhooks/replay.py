@@ -7,6 +7,8 @@ the handlers are idempotent per event and per intent.
 
 from __future__ import annotations
 
+from datetime import UTC
+
 from sqlalchemy import text
 
 from app.credits.service import Settlement
@@ -47,12 +49,16 @@ async def replay_events(services: Services, request: ReplayRequest) -> ReplayOut
     """Re-apply the events received in [from, to) that the worker is done with (pending ones are its own)."""
     if request.start.tzinfo is None or request.end.tzinfo is None:
         raise InvalidRange("from and to need a time zone (2026-01-01T00:00:00Z)")
-    if request.start >= request.end:
+    try:  # a time zone can carry year 1 or 9999 out of what a datetime (and PostgreSQL's driver) holds
+        start, end = request.start.astimezone(UTC), request.end.astimezone(UTC)
+    except OverflowError:
+        raise InvalidRange("from and to must be within years 1-9999 in UTC") from None
+    if start >= end:
         raise InvalidRange("from must be before to")
     limit = services.settings.replay_max_events
     params = {
-        "start": request.start,
-        "end": request.end,
+        "start": start,
+        "end": end,
         "types": request.types,
         "pending": EventStatus.PENDING,
         "limit": limit + 1,

@@ -65,8 +65,16 @@ OPERATIONS = [
     ("GET", "/v1/leads"),
     ("GET", "/v1/leads/purchased"),
     ("POST", "/v1/leads/{lead_id}/purchase"),
+    ("GET", "/v1/credits/purchases/{purchase_id}"),
+    ("GET", "/admin/failed-operations"),
+    ("GET", "/admin/failed-operations/{op_id}"),
+    ("POST", "/admin/failed-operations/{op_id}/retry"),
+    ("POST", "/admin/failed-operations/{op_id}/discard"),
+    ("POST", "/admin/webhooks/replay"),
 ]
-NOT_FUZZED = {("GET", "/health/live"), ("GET", "/health/ready")}
+# the webhook takes no bearer token and no schema'd body, only signed bytes: its hostile bodies are
+# in test_webhook_ingest.py (every body signed, any JSON at all) and its header in test_signature.py
+NOT_FUZZED = {("GET", "/health/live"), ("GET", "/health/ready"), ("POST", "/webhooks/stripe")}
 
 
 async def load_schema(client: Client) -> dict[str, Any]:
@@ -77,12 +85,24 @@ async def load_schema(client: Client) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def fuzz_client(make_client: AppFactory) -> Client:
-    """Rate limits out of the way (so purchases do real work), a funded user and five cheap leads."""
+async def fuzz_client(make_client: AppFactory, db: asyncpg.Connection) -> Client:
+    """Rate limits out of the way (so purchases do real work), a funded user, five cheap leads, a
+    credit purchase and failed operations in every status (so ids in paths name real rows)."""
     client = await make_client(rate_credit_purchases=100_000, rate_lead_purchases=100_000)
     await grant(client, USER, 1_000_000)
     for i in range(5):
         await create_lead(client, price=1, title=f"seed lead {i}")
+    bought = await client.post(
+        "/v1/credits/purchases",
+        json={"package_id": "starter"},
+        headers={"Authorization": f"Bearer {token(USER)}", "Idempotency-Key": "fuzz-seed-purchase"},
+    )
+    assert bought.status_code == 201, bought.text
+    await db.execute(
+        "INSERT INTO failed_operations (kind, reference, status, attempts, max_attempts, next_attempt_at)"
+        " SELECT 'refund_shortfall', 'seed-' || s, s, 1, 1, now() + interval '1 hour'"
+        " FROM unnest(ARRAY['pending', 'retrying', 'succeeded', 'dead', 'discarded']) AS s"
+    )
     return client
 
 
@@ -298,6 +318,16 @@ async def fuzz_schema(client: Client) -> dict[str, Any]:
     listed = await client.get("/v1/credits/packages", headers={"Authorization": f"Bearer {token('u')}"})
     packages = [p["id"] for p in listed.json()]
     schema["components"]["schemas"]["PurchaseRequest"]["properties"]["package_id"]["enum"] = packages
+    # ids of rows that exist, so valid requests reach the code behind the lookup
+    ops = await client.get(
+        "/admin/failed-operations", headers={"Authorization": f"Bearer {token(ADMIN, admin=True)}"}
+    )
+    ids = {"purchase_id": ["1"], "op_id": [str(op["id"]) for op in ops.json()["items"]]}
+    for item in schema["paths"].values():
+        for operation in item.values():
+            for param in operation.get("parameters", []):
+                if param["in"] == "path" and param["name"] in ids:
+                    param["schema"] = {"type": "string", "enum": ids[param["name"]]}
     return schema
 
 

@@ -277,7 +277,13 @@ async def test_replay_dry_run_changes_nothing_and_a_real_one_applies_only_what_f
         await db.fetchval("SELECT count(*) FROM webhook_events WHERE status = $1", EventStatus.HANDLED) == 2
     )
 
-    for bad in [{"from": "2100-01-01T00:00:00Z", "to": "2000-01-01T00:00:00Z"}, {"from": "x", "to": "y"}, {}]:
+    for bad in [
+        {"from": "2100-01-01T00:00:00Z", "to": "2000-01-01T00:00:00Z"},
+        {"from": "0001-01-01T00:00:12+01:00", "to": "0001-01-01T00:00:00Z"},  # before year 1 in UTC
+        {"from": "2000-01-01T00:00:00", "to": "2100-01-01T00:00:00"},  # no time zone
+        {"from": "x", "to": "y"},
+        {},
+    ]:
         r = await client.post("/admin/webhooks/replay", json=bad, headers=admin)
         assert r.status_code == 400, bad
     assert (await client.post("/admin/webhooks/replay", json=window, headers=auth("u1"))).status_code == 403
