@@ -86,7 +86,7 @@ def _check_attempt(
         assert after.last_error == _error(outcome)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(policies(), clocks, st.booleans(), draws, attempts)
 def test_a_driver_retries_within_the_budget_and_the_schedule(
     policy: Policy,
@@ -122,7 +122,7 @@ def test_a_driver_retries_within_the_budget_and_the_schedule(
             _assert_never_attempted_again(state, seen)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(policies(), clocks, st.booleans(), draws, operator_steps)
 def test_an_operator_retry_gives_one_more_attempt_and_a_discard_is_final(
     policy: Policy,
