@@ -110,7 +110,10 @@ def worker(settings: Settings, args: argparse.Namespace) -> None:
     if args.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port, addr=args.metrics_host)
+        try:
+            start_http_server(args.metrics_port, addr=args.metrics_host)
+        except OSError as exc:  # not a database problem, which is what main() would call an OSError
+            raise ConfigError(f"--metrics-port {args.metrics_port}: cannot listen ({exc.strerror})") from None
 
     async def run(url: str) -> None:
         engine = create_engine(settings, url)
@@ -290,7 +293,7 @@ def parser() -> argparse.ArgumentParser:
         database,
         data_dir,
         "  SMTP_HOST            outgoing mail server; unset: emails wait in the outbox as held",
-        "  PAYGUARD_RETRY_DRIVER local: this worker retries failed operations; kubernetes: the operator does",
+        "  PAYGUARD_RETRY_DRIVER local: this worker retries failed operations (the only driver so far)",
     )
     w.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics (default 127.0.0.1)")
     w.add_argument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
 import jwt
@@ -52,6 +53,8 @@ def test_migrate_to_an_unknown_revision_is_one_line_and_exit_2(tmp_path: Path) -
         (["token"], "--user"),
         (["migrate", "--revision", ""], "--revision"),
         (["serve", "--port", "70000"], "--port"),
+        (["worker", "--metrics-port", "-1"], "--metrics-port"),
+        (["send-test-event", "--intent", "pi_1", "--amount", "ten"], "--amount"),
         (["launch"], "launch"),
     ],
     ids=[
@@ -64,6 +67,8 @@ def test_migrate_to_an_unknown_revision_is_one_line_and_exit_2(tmp_path: Path) -
         "no-user",
         "revision-empty",
         "port",
+        "metrics-port",
+        "amount",
         "command",
     ],
 )
@@ -136,3 +141,14 @@ def test_every_option_of_every_command_is_described() -> None:
     for name, command in commands.choices.items():
         for action in command._actions:
             assert action.help and len(action.help) > 10, (name, action.option_strings)
+
+
+def test_a_worker_whose_metrics_port_is_taken_says_so_and_touches_nothing(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(tmp_path / "data", "worker", "--metrics-port", str(port), timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"payguard: --metrics-port {port}: cannot listen (Address already in use)"
+    assert not (tmp_path / "data").exists()
