@@ -39,6 +39,9 @@ from app.services import Services
 log = logging.getLogger("payguard.credits")
 
 
+PURCHASE_METADATA = "payguard_credit_purchase_id"  # on every intent we create; never trusted alone
+
+
 class InsufficientCredits(ServiceError):
     status, type, title = 402, "insufficient-credits", "Not enough credits"
 
@@ -159,7 +162,7 @@ async def _create_intent(services: Services, key: Key) -> MoveTo | Finish:
         intent = await services.payments.create_payment_intent(
             amount=purchase.amount,
             currency=purchase.currency,
-            metadata={"payguard_credit_purchase_id": str(purchase.id), "payguard_user_id": purchase.user_id},
+            metadata={PURCHASE_METADATA: str(purchase.id), "payguard_user_id": purchase.user_id},
             idempotency_key=purchase.stripe_idempotency_key,
         )
     except PaymentKeyConflict as exc:

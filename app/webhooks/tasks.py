@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.credits import service as credits
 from app.failures import service as failures
+from app.failures.engine import RetryLater
 from app.failures.models import FailureStatus, OperationKind
 from app.observability.metrics import (
     WEBHOOK_LAG,
@@ -58,6 +59,7 @@ class _Object(msgspec.Struct):
     amount_received: int | None = None
     amount_refunded: int = 0
     currency: str = ""
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class _Data(msgspec.Struct):
@@ -83,7 +85,14 @@ async def apply_event(
         if obj.id is None:
             return WorkOutcome.IGNORED
         paid = obj.amount_received if obj.amount_received is not None else obj.amount
-        return await credits.settle_paid_intent(conn, intent_id=obj.id, amount=paid, currency=obj.currency)
+        settled = await credits.settle_paid_intent(conn, intent_id=obj.id, amount=paid, currency=obj.currency)
+        if settled == credits.Settlement.NOT_OURS and credits.PURCHASE_METADATA in obj.metadata:
+            # made for one of our purchases, whose phase has not stored the intent id yet: money was
+            # taken, so never ignored; retried, and dead (a human looks) if the id never appears
+            raise RetryLater(
+                f"intent {obj.id} of purchase {obj.metadata[credits.PURCHASE_METADATA]} is not recorded yet"
+            )
+        return settled
     if event_type in ("payment_intent.payment_failed", "payment_intent.canceled"):
         if obj.id is None:
             return WorkOutcome.IGNORED

@@ -287,3 +287,19 @@ async def test_replay_dry_run_changes_nothing_and_a_real_one_applies_only_what_f
         r = await client.post("/admin/webhooks/replay", json=bad, headers=admin)
         assert r.status_code == 400, bad
     assert (await client.post("/admin/webhooks/replay", json=window, headers=auth("u1"))).status_code == 403
+
+
+async def test_a_paid_intent_made_for_us_but_not_yet_recorded_is_retried_not_ignored(
+    make_client: AppFactory, db: asyncpg.Connection
+) -> None:
+    """Money was taken: an intent whose metadata names our purchase is never ignored, only retried."""
+    client = await make_client(**FAST_WORKER, webhook_max_retries=2)
+    evt = intent_event("payment_intent.succeeded", "pi_unrecorded", 4500)
+    evt["data"]["object"]["metadata"] = {"payguard_credit_purchase_id": "42"}
+    async with running_worker(client):
+        await deliver(client, evt)
+        await until_settled(db)
+    assert await db.fetchval("SELECT status FROM webhook_events") == EventStatus.DEAD
+    op = await db.fetchrow("SELECT kind, status, attempts, last_error FROM failed_operations")
+    assert (op["kind"], op["status"], op["attempts"]) == (OperationKind.WEBHOOK, FailureStatus.DEAD, 3)
+    assert "not recorded yet" in op["last_error"]
