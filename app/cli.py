@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import re
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sqlalchemy.exc import DBAPIError
 
@@ -75,26 +76,54 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
     from app.db.migrate import upgrade
     from app.main import create_app
 
-    resolve_jwt_secret(settings)  # refuse to start without a way to check tokens, before touching the DB
+    secret = resolve_jwt_secret(settings)  # refuse to start without a way to check tokens, before the DB
     with database(settings) as url:
         upgrade(url)
-        app = create_app(settings, url)
-        # start-up objects live for the whole process: keep them out of the GC's full collections,
-        # which otherwise pause every request for tens of milliseconds under load
-        gc.collect()
-        gc.freeze()
-        log.info("serving", extra={"host": args.host, "port": args.port, "embedded": settings.embedded})
-        uvicorn.run(
-            app,
-            host=args.host,
-            port=args.port,
-            loop="uvloop",
-            http="httptools",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=20,
+        options = {
+            "host": args.host,
+            "port": args.port,
+            "loop": "uvloop",
+            "http": "httptools",
+            "log_config": None,
+            "access_log": False,
+            "timeout_graceful_shutdown": 20,
+        }
+        log.info(
+            "serving",
+            extra={
+                "host": args.host,
+                "port": args.port,
+                "embedded": settings.embedded,
+                "processes": args.processes,
+            },
         )
+        if args.processes == 1:
+            uvicorn.run(_frozen(create_app(settings, url)), **options)
+        else:
+            # every process serves the same database with the same secret, as replicas do; this one
+            # supervises them and holds the embedded PostgreSQL
+            os.environ["DATABASE_URL"] = url
+            if secret is not None:
+                os.environ["PAYGUARD_JWT_SECRET"] = secret
+            uvicorn.run("app.cli:app_from_environment", factory=True, workers=args.processes, **options)
     log.info("stopped")
+
+
+def app_from_environment() -> Any:
+    """What each process of `serve --processes N` serves (uvicorn calls it in the process)."""
+    from app.main import create_app
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return _frozen(create_app(settings, settings.database_url or ""))
+
+
+def _frozen(app: Any) -> Any:
+    # start-up objects live for the whole process: keep them out of the GC's full collections,
+    # which otherwise pause every request for tens of milliseconds under load
+    gc.collect()
+    gc.freeze()
+    return app
 
 
 def worker(settings: Settings, args: argparse.Namespace) -> None:
@@ -241,6 +270,12 @@ def _port(raw: str) -> int:
     return int(raw)
 
 
+def _processes(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 64:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of processes (1-64)")
+    return int(raw)
+
+
 def _port_or_off(raw: str) -> int:
     return 0 if raw == "0" else _port(raw)
 
@@ -286,6 +321,12 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=_port, default=8000, help="TCP port to listen on (default 8000)")
+    s.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        help="serving processes sharing the port, each with its own worker (default 1; about one per core)",
+    )
     s.set_defaults(run=serve)
     w = command(
         "worker",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import psutil
 import pytest
 from alembic.script import ScriptDirectory
 
@@ -93,3 +94,32 @@ def test_serve_refuses_clearly_without_a_token_secret_or_a_database(tmp_path: Pa
     )
     assert no_db.returncode == 1
     assert "cannot reach the database" in no_db.stderr and "Traceback" not in no_db.stderr
+
+
+def test_serve_with_two_processes_shares_one_port_one_database_and_one_secret(data_dir: Path) -> None:
+    port = free_port()
+    proc = start(data_dir, port, processes=2)
+    try:
+        wait_ready(port, proc)
+        admin = cli_token(data_dir, "--user", "ops", "--admin")  # the secret the processes were handed
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=30) as http:
+            for n in range(20):  # fresh connections, spread over both processes by the kernel
+                r = http.post(
+                    "/admin/credits/grants",
+                    json={"user_id": "u1", "credits": 1, "reason": "spread"},
+                    headers={
+                        "Authorization": f"Bearer {admin}",
+                        "Idempotency-Key": f"g{n}",
+                        "Connection": "close",
+                    },
+                )
+                assert r.status_code == 201, r.text
+            user = cli_token(data_dir, "--user", "u1")
+            assert (
+                http.get("/v1/credits/balance", headers={"Authorization": f"Bearer {user}"}).json()["balance"]
+                == 20
+            )
+        assert len(psutil.Process(proc.pid).children(recursive=True)) >= 2
+    finally:
+        stop(proc, data_dir)  # SIGTERM stops both processes and then the embedded PostgreSQL
