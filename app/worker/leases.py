@@ -39,9 +39,9 @@ def claim_statement(table: str, due: str, order_by: str, returning: str) -> Text
     )
 
 
-def fence_statement(table: str, columns: str = "t.id") -> TextClause:
-    """Lock row :id if its lease is still :token's; no row means this worker lost it."""
-    return text(f"SELECT {columns} FROM {table} t WHERE t.id = :id AND t.lease_token = :token FOR UPDATE")
+def fence_statement(table: str) -> TextClause:
+    """Lock row :id if its lease is still :token's (and say the time); no row means this worker lost it."""
+    return text(f"SELECT now() AS now FROM {table} t WHERE t.id = :id AND t.lease_token = :token FOR UPDATE")
 
 
 def release_statement(table: str) -> TextClause:
@@ -104,11 +104,11 @@ async def fenced_attempt(
     fail: Fail,
 ) -> str:
     """One attempt: `perform` outside any transaction (an SMTP send), then one transaction that
-    fences the lease, commits the effect under a savepoint and records the outcome.
+    fences the lease, commits the effect and records the outcome.
 
-    A failure of the effect rolls back to the savepoint and is recorded in the same transaction;
-    a lost lease commits nothing (FENCED); losing the database loses nothing: the lease expires
-    and the item is claimed again.
+    If the effect fails, that transaction rolls back and a second one (fenced again) records the
+    failure: the common, successful path pays for no savepoint. A lost lease commits nothing
+    (FENCED); losing the database loses nothing: the lease expires and the item is claimed again.
     """
     commit: Commit | None = None
     error: str | None = None
@@ -117,22 +117,38 @@ async def fenced_attempt(
         commit = await perform()
     except Exception as exc:
         error, permanent = describe(exc)
-    async with sessions() as session, session.begin():
-        conn = await session.connection()
-        if (await conn.execute(fence, {"id": item.id, "token": item.token})).first() is None:
-            return FENCED
-        now: datetime = await conn.scalar(text("SELECT now()"))
+    async with sessions() as session:
         if commit is not None:
+            effect_failed = False
             try:
-                async with conn.begin_nested():
-                    outcome = await commit(conn)
+                async with session.begin():
+                    conn = await session.connection()
+                    now = await _fenced(conn, fence, item)
+                    if now is None:
+                        return FENCED
+                    try:
+                        outcome = await commit(conn)
+                    except Exception:
+                        effect_failed = True
+                        raise
+                    return await succeed(conn, now, outcome)
             except Exception as exc:
-                if database_gone(exc):
+                if not effect_failed or database_gone(exc):
                     raise
                 error, permanent = describe(exc)
-        if error is None:
-            return await succeed(conn, now, outcome)
-        return await fail(conn, now, error, permanent)
+        assert error is not None
+        async with session.begin():
+            conn = await session.connection()
+            now = await _fenced(conn, fence, item)
+            if now is None:
+                return FENCED
+            return await fail(conn, now, error, permanent)
+
+
+async def _fenced(conn: AsyncConnection, fence: TextClause, item: Claimed) -> datetime | None:
+    """The transaction's time if the item's lease is still this worker's (its row now locked), else None."""
+    row = (await conn.execute(fence, {"id": item.id, "token": item.token})).first()
+    return None if row is None else row.now
 
 
 def database_gone(exc: BaseException) -> bool:
