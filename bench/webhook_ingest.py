@@ -412,21 +412,37 @@ def wrk_script(prefix: str, window_s: float, secret: str) -> str:
 
 
 class _ProcessCpu(_CpuWatch):
-    """_CpuWatch for a load generator that is another process (wrk, pgbench, Python generators)."""
+    """_CpuWatch for a load generator that is another process (wrk, pgbench, Python generators).
+
+    Processes that end inside the window still count: PostgreSQL backends that exit (pgbench's, at its
+    end) through the postmaster's reaped children, and load generators this process reaps through its own.
+    """
 
     def __init__(self, server_pids: list[int], postmaster_pid: int, loadgen_pids: list[int]) -> None:
         super().__init__(server_pids, postmaster_pid)
-        self._loadgen_pids = loadgen_pids
+        self._loadgen_pids, self._postmaster = loadgen_pids, postmaster_pid
 
     def _sample(self) -> dict[str, Any]:
+        import resource
+
+        ps = self._psutil
         sample = super()._sample()
-        total = 0.0
+        try:
+            reaped = ps.Process(self._postmaster).cpu_times()
+            sample["postgres"][-1] = reaped.children_user + reaped.children_system
+        except ps.Error:
+            pass
+        for pid in self._start.get("postgres", {}):
+            if pid not in sample["postgres"]:
+                sample["postgres"][pid] = 0.0  # exited: its whole time is in the reaped figure
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total = children.ru_utime + children.ru_stime
         for pid in self._loadgen_pids:
             try:
-                t = self._psutil.Process(pid).cpu_times()
+                t = ps.Process(pid).cpu_times()
                 total += t.user + t.system
-            except self._psutil.Error:
-                pass
+            except ps.Error:
+                pass  # reaped: in RUSAGE_CHILDREN now
         sample["loadgen"] = total
         return sample
 

@@ -1,0 +1,803 @@
+"""Worker benchmark: Stripe events handled per second, against PgQueuer, Procrastinate and pgbench.
+
+One run, no arguments needed, everything on one private embedded PostgreSQL (a temp dir), each queue in
+its own database of that server:
+
+1. pgbench claim-and-complete: one transaction per event claims the oldest pending row of a table like
+   `webhook_events` (same columns, indexes and rows) with FOR UPDATE SKIP LOCKED and marks it done;
+2. PgQueuer (pip `pgqueuer`): a pre-filled queue of no-op jobs drained at batch 10 and 100; then end to
+   end, concurrent enqueuers (32) adding one job per enqueue while a worker handles them, first flat out
+   (closed loop), then at fixed rates doubling from 250/s (open loop) until the worker falls behind, with
+   one step between the last rate kept up and the first lost: the highest kept up is its sustained rate;
+3. Procrastinate (pip `procrastinate`, with psycopg): the same, a drain and end to end.
+
+Jobs carry the same ~1.1 KB Stripe event as our queue's rows. The peers are installed for the benchmark
+only (not project dependencies); a missing one is skipped with a message:
+
+    .venv/bin/pip install pgqueuer procrastinate 'psycopg[binary]' psycopg-pool
+
+Drains are timed from the start of the work (the worker started on a filled queue) to the last job
+completed. End to end, latency runs from each job's scheduled arrival (open loop) or the enqueue call
+(closed loop) to the start of its handler; a rate is kept up with when 97% of it is handled within the
+window and the backlog is gone within 1 s of the end.
+Each phase reports CPU like bench/lead_purchase.py: `worker ms` and `pg ms` are CPU milliseconds per
+event of the worker processes and of all PostgreSQL processes; the cores columns split the machine
+between worker, PostgreSQL, load generator (enqueuers, pgbench) and `other`.
+
+    .venv/bin/python bench/worker_throughput.py [--events 20000] [--duration 15] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import math
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+try:  # run as a script (bench/ is on sys.path) or imported as bench.worker_throughput
+    from lead_purchase import _ms, _ratio, _tail
+    from webhook_ingest import _percentiles, _ProcessCpu, pgbench_path, stripe_event
+except ModuleNotFoundError:
+    from bench.lead_purchase import _ms, _ratio, _tail
+    from bench.webhook_ingest import _percentiles, _ProcessCpu, pgbench_path, stripe_event
+
+DATABASE = "payguard_bench"
+PGQUEUER_DB = "pgqueuer_bench"
+PROCRASTINATE_DB = "procrastinate_bench"
+CLAIM_TABLE = "bench_claim_queue"  # pgbench's queue: a copy of webhook_events' definition
+PGQUEUER_BATCHES = (10, 100)
+PGBENCH_CLIENTS = (1, 8)
+FILL_CHUNK = 5_000
+INSTALL = "pip install pgqueuer procrastinate 'psycopg[binary]' psycopg-pool"
+DRAIN_TIMEOUT_S = 300.0  # a drain slower than this is cut short and reported as such
+BACKLOG_WAIT_S = 20.0  # end to end: how long the worker may take to catch up once enqueuing stops
+KEEP_UP = 0.97  # a rate is kept up with when this share of it is handled within the window ...
+KEEP_UP_DRAIN_S = 1.0  # ... and the backlog is gone this soon after the enqueuers stop
+LADDER_START, LADDER_MAX = 250.0, 32_000.0  # fixed rates tried end to end, doubling
+PGQUEUER_LEFT = "SELECT count(*) FROM pgqueuer"
+PROCRASTINATE_LEFT = "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')"
+CLEAR = {
+    "pgqueuer_bench": "DELETE FROM pgqueuer",
+    "procrastinate_bench": "TRUNCATE procrastinate_jobs CASCADE",
+}
+
+# ---------------------------------------------------------------------------------------------------------
+# Filling queues
+# ---------------------------------------------------------------------------------------------------------
+
+_FILL = """
+INSERT INTO {table} (event_id, type, object_id, stripe_created, payload, status, attempts)
+SELECT e, $2, i, to_timestamp($3), p::jsonb, $4, 0
+  FROM unnest($1::text[], $5::text[], $6::text[]) AS t(e, i, p)
+"""
+
+
+async def fill_events(conn: Any, table: str, n: int, tag: str) -> None:
+    """`n` pending events, as the endpoint stores them, each about its own PaymentIntent `pi_{tag}_{k}`."""
+    from app.webhooks.models import EventStatus
+
+    created = int(time.time())
+    for lo in range(0, n, FILL_CHUNK):
+        ids = [f"{tag}_{k}" for k in range(lo, min(n, lo + FILL_CHUNK))]
+        events = [f"evt_{i}" for i in ids]
+        intents = [f"pi_{i}" for i in ids]
+        bodies = [stripe_event(e, p, created=created).decode() for e, p in zip(events, intents, strict=True)]
+        await conn.execute(
+            _FILL.format(table=table),
+            events,
+            "payment_intent.succeeded",
+            created,
+            EventStatus.PENDING,
+            intents,
+            bodies,
+        )
+
+
+def _event_body(k: int) -> str:
+    return stripe_event(f"evt_peer_{k}", f"pi_peer_{k}").decode()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Roles: peer workers and enqueuers, each in its own process (`worker_throughput.py --role '<json>'`)
+#
+# A role connects, prints "ready", starts on "go" from stdin, and (continuous workers) stops on "stop";
+# then prints its result as JSON and keeps its connections until "exit", so that the CPU of its process
+# and of its PostgreSQL backends can be read before they end.
+# ---------------------------------------------------------------------------------------------------------
+
+Report = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+async def _line() -> str:
+    return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+
+async def _report(result: dict[str, Any]) -> None:
+    print(json.dumps(result), flush=True)
+    await _line()  # "exit"
+
+
+async def _pgqueuer_worker(spec: dict[str, Any], report: Report) -> None:
+    import asyncpg
+    from pgqueuer.db import AsyncpgDriver
+    from pgqueuer.models import Job
+    from pgqueuer.qm import QueueManager
+    from pgqueuer.queries import Queries
+    from pgqueuer.types import QueueExecutionMode
+
+    conn = await asyncpg.connect(host=spec["socket_dir"], user="postgres", database=PGQUEUER_DB)
+    qm = QueueManager(Queries(AsyncpgDriver(conn)))
+    times: list[tuple[float, float]] = []  # (enqueued at, handler started at)
+
+    @qm.entrypoint("noop")
+    async def noop(job: Job) -> None:
+        now = time.time()
+        head = (job.payload or b"").split(b"\n", 1)[0]
+        times.append((float(head) if head else 0.0, now))
+
+    print("ready", flush=True)
+    await _line()
+    start = time.time()
+    if spec["drain"]:
+        await qm.run(batch_size=spec["batch"], mode=QueueExecutionMode.drain)
+    else:
+        run = asyncio.create_task(qm.run(batch_size=spec["batch"]))
+        await _line()
+        qm.shutdown.set()
+        await run
+    end = time.time()  # its completions are committed (pgqueuer flushes its buffers on the way out)
+    await report({"start": start, "end": end, "handled": len(times), "times": [] if spec["drain"] else times})
+    await conn.close()
+
+
+def _procrastinate_app(socket_dir: str, pool: int) -> Any:
+    import logging
+
+    import procrastinate
+
+    logging.getLogger("procrastinate").setLevel(logging.ERROR)  # its advice about where apps live
+    conninfo = f"host={socket_dir} user=postgres dbname={PROCRASTINATE_DB}"
+    return procrastinate.App(
+        connector=procrastinate.PsycopgConnector(conninfo=conninfo, min_size=pool, max_size=pool)
+    )
+
+
+async def _procrastinate_worker(spec: dict[str, Any], report: Report) -> None:
+    app = _procrastinate_app(spec["socket_dir"], spec["concurrency"] + 2)
+    times: list[tuple[float, float]] = []
+
+    @app.task(name="noop")
+    async def noop(event: str, t: float = 0.0) -> None:
+        times.append((t, time.time()))
+
+    async with app.open_async():
+        print("ready", flush=True)
+        await _line()
+        start = time.time()
+        options: dict[str, Any] = {"concurrency": spec["concurrency"], "install_signal_handlers": False}
+        if spec["drain"]:
+            await app.run_worker_async(wait=False, listen_notify=False, **options)
+        else:
+            run = asyncio.create_task(app.run_worker_async(wait=True, **options))
+            await _line()
+            run.cancel()  # Procrastinate's graceful stop: jobs in flight finish first
+            try:
+                await run
+            except asyncio.CancelledError:
+                pass
+        end = time.time()
+        result = {"start": start, "end": end, "handled": len(times)}
+        await report(result | {"times": [] if spec["drain"] else times})
+
+
+Enqueue = Callable[[float, str], Awaitable[Any]]  # (enqueued at, event body)
+
+
+async def _enqueuers(spec: dict[str, Any], report: Report) -> None:
+    """`clients` concurrent enqueuers, one job per enqueue, each waiting for its enqueue to commit.
+
+    Closed loop (each enqueues again at once), or open loop at `rate` jobs/s: arrivals are scheduled,
+    wait for a free enqueuer if all are busy, and carry their scheduled time (no coordinated omission).
+    """
+    calls: list[Enqueue] = []
+    cleanup: list[Callable[[], Awaitable[Any]]] = []
+    if spec["peer"] == "pgqueuer":
+        import asyncpg
+        from pgqueuer.db import AsyncpgDriver
+        from pgqueuer.queries import Queries
+
+        for _ in range(spec["clients"]):
+            conn = await asyncpg.connect(host=spec["socket_dir"], user="postgres", database=PGQUEUER_DB)
+            cleanup.append(conn.close)
+            queries = Queries(AsyncpgDriver(conn))
+
+            def pgqueuer_enqueue(t: float, body: str, queries: Any = queries) -> Awaitable[Any]:
+                return queries.enqueue("noop", f"{t:.6f}\n{body}".encode())
+
+            calls.append(pgqueuer_enqueue)
+    else:
+        app = _procrastinate_app(spec["socket_dir"], spec["clients"])
+        await app.open_async()
+        cleanup.append(app.close_async)
+
+        @app.task(name="noop")
+        async def noop(event: str, t: float = 0.0) -> None:
+            raise AssertionError("the enqueuer runs no job")
+
+        def procrastinate_enqueue(t: float, body: str) -> Awaitable[Any]:
+            return noop.defer_async(event=body, t=t)
+
+        calls = [procrastinate_enqueue] * spec["clients"]
+
+    body = _event_body(0)
+    print("ready", flush=True)
+    await _line()
+    t0 = time.time()
+    t_measure, t_end = t0 + spec["warmup"], t0 + spec["warmup"] + spec["duration"]
+    enqueued = in_window = 0
+
+    async def enqueue(call: Enqueue, t: float) -> None:
+        nonlocal enqueued, in_window
+        await call(t, body)
+        enqueued += 1
+        in_window += t_measure <= t < t_end
+
+    if spec["rate"] is None:
+
+        async def client(call: Enqueue) -> None:
+            while (t := time.time()) < t_end:
+                await enqueue(call, t)
+
+        await asyncio.gather(*(client(c) for c in calls))
+    else:
+        free: asyncio.Queue[Enqueue] = asyncio.Queue()
+        for c in calls:
+            free.put_nowait(c)
+        inflight: set[asyncio.Task[None]] = set()
+
+        async def arrival(due: float) -> None:
+            call = await free.get()
+            try:
+                await enqueue(call, due)
+            finally:
+                free.put_nowait(call)
+
+        n = 0
+        while (due := t0 + n / spec["rate"]) < t_end:
+            if due > time.time():
+                await asyncio.sleep(due - time.time())
+            task = asyncio.create_task(arrival(due))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
+            n += 1
+        if inflight:
+            await asyncio.gather(*inflight)
+    await report({"enqueued": enqueued, "in_window": in_window, "t_measure": t_measure, "t_end": t_end})
+    for close in cleanup:
+        await close()
+
+
+def _role_main(raw: str) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    spec = json.loads(raw)
+    run = {
+        "pgqueuer-worker": _pgqueuer_worker,
+        "procrastinate-worker": _procrastinate_worker,
+        "enqueuers": _enqueuers,
+    }[spec["role"]]
+    asyncio.run(run(spec, _report))
+
+
+class _Role:
+    """A role's process: `ready`, then `go`; `stop` for a continuous worker; its JSON; then `exit`."""
+
+    def __init__(self, spec: dict[str, Any], log: Path) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--role", json.dumps(spec)]
+        self.log, self.name = log, spec["role"]
+        with log.open("w") as err:
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
+            )
+        if self._readline(120) != "ready":
+            self.kill()
+            raise RuntimeError(f"{self.name} did not start:\n{_tail(log)}")
+
+    def _readline(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline().strip() if ready else ""
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout: float) -> dict[str, Any] | None:
+        """Its result, or None if it has none within `timeout` s; it still runs until `finish`."""
+        line = self._readline(timeout)
+        if not line:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} failed ({self.proc.returncode}):\n{_tail(self.log)}")
+            return None
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def finish(self) -> None:
+        if self.proc.poll() is None:
+            self.send("exit")
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Orchestrator
+# ---------------------------------------------------------------------------------------------------------
+
+
+async def _sql(socket_dir: str, database: str, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+    import asyncpg
+
+    conn = await asyncpg.connect(host=socket_dir, user="postgres", database=database)
+    try:
+        return await fn(conn)
+    finally:
+        await conn.close()
+
+
+async def _wait_until(
+    socket_dir: str, database: str, query: str, done: Callable[[Any], bool], limit_s: float
+) -> tuple[Any, float]:
+    """Poll `query` until `done(value)`; (last value, monotonic time it was seen)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(host=socket_dir, user="postgres", database=database)
+    deadline = time.monotonic() + limit_s
+    try:
+        while True:
+            value = await conn.fetchval(query)
+            if done(value) or time.monotonic() > deadline:
+                return value, time.monotonic()
+            await asyncio.sleep(0.02)
+    finally:
+        await conn.close()
+
+
+def _row(label: str, r: dict[str, Any]) -> None:
+    c = r["cpu"]
+    rate = r["rate"] or float("nan")
+    per = f"{1e3 * c['server'] / rate:>9.3f} {1e3 * c['postgres'] / rate:>7.3f}"
+    cores = " / ".join(f"{c[k]:.2f}" for k in ("server", "postgres", "loadgen", "other"))
+    lat = " ".join(f"{_ms(r.get(k)):>7}" for k in ("p50", "p99"))
+    print(f"  {label:<52} {r['rate']:>9.1f} {lat} {per}   {cores}", flush=True)
+    if r.get("note"):
+        print(f"    {r['note']}")
+
+
+class Bench:
+    """One run: the server, the phases' results, and how to run each kind of phase."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path, socket_dir: str, postmaster_pid: int) -> None:
+        self.args, self.tmp = args, tmp
+        self.socket_dir, self.postmaster_pid = socket_dir, postmaster_pid
+        self.results: dict[str, dict[str, Any]] = {}
+        self.checks: dict[str, str] = {}
+
+    def sql(self, database: str, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        return asyncio.run(_sql(self.socket_dir, database, fn))
+
+    def checkpoint(self) -> None:
+        async def run(conn: Any) -> None:
+            await conn.execute("CHECKPOINT")  # each phase starts from clean buffers
+
+        self.sql(DATABASE, run)
+
+    def record(self, name: str, label: str, r: dict[str, Any]) -> None:
+        r["label"] = label
+        self.results[name] = r
+        _row(label, r)
+
+    # --- pgbench ------------------------------------------------------------------------------------------
+
+    def pgbench_claims(self) -> None:
+        from app.webhooks.models import EventStatus
+
+        events = self.args.events
+        script = (
+            f"UPDATE {CLAIM_TABLE}"  # noqa: S608 (constants)
+            f" SET status = '{EventStatus.IGNORED}', attempts = attempts + 1, handled_at = now()"
+            f" WHERE id = (SELECT id FROM {CLAIM_TABLE} WHERE status = '{EventStatus.PENDING}'"
+            " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED);\n"
+        )
+        path = self.tmp / "claim.sql"
+        path.write_text(script)
+
+        async def prepare(conn: Any) -> None:
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {CLAIM_TABLE} (LIKE webhook_events INCLUDING ALL)"
+            )
+            await conn.execute(f"TRUNCATE {CLAIM_TABLE}")
+            await fill_events(conn, CLAIM_TABLE, events, f"pgb{time.time_ns()}")
+            await conn.execute(f"VACUUM ANALYZE {CLAIM_TABLE}")
+            await conn.execute("CHECKPOINT")
+
+        async def left(conn: Any) -> Any:
+            return await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE status = $1) AS pending,"  # noqa: S608 (constants)
+                f" count(*) FILTER (WHERE status = $2) AS done FROM {CLAIM_TABLE}",
+                EventStatus.PENDING,
+                EventStatus.IGNORED,
+            )
+
+        for clients in PGBENCH_CLIENTS:
+            self.sql(DATABASE, prepare)
+            per_client = events // clients
+            cmd = [str(pgbench_path()), "-n", "-M", "prepared", "-h", self.socket_dir, "-U", "postgres"]
+            cmd += ["-c", str(clients), "-j", str(min(clients, 2)), "-t", str(per_client), "-f", str(path)]
+            cmd.append(DATABASE)
+            started = time.monotonic()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cpu = _ProcessCpu([], self.postmaster_pid, [proc.pid])
+            cpu.start()
+            try:
+                out, err = proc.communicate(timeout=DRAIN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            cores = cpu.stop()
+            if proc.returncode != 0:
+                raise RuntimeError(f"pgbench failed ({proc.returncode}):\n{out[-2000:]}\n{err[-2000:]}")
+            tps = float(out.split("tps = ", 1)[1].split()[0])
+            state = self.sql(DATABASE, left)
+            done = per_client * clients
+            name = f"pgbench{clients}"
+            self.checks[name] = (
+                f"{state['done']} rows done of {done} claims, {state['pending']} left pending"
+                + (" -> ok" if state["done"] == done else " -> FAILED")
+            )
+            r = {"rate": tps, "cpu": cores, "events": done, "seconds": time.monotonic() - started}
+            self.record(name, f"pgbench claim+complete, {clients} client(s)", r)
+
+    # --- PgQueuer -----------------------------------------------------------------------------------------
+
+    def pgqueuer(self) -> None:
+        async def install(conn: Any) -> None:
+            from pgqueuer.db import AsyncpgDriver
+            from pgqueuer.queries import Queries
+
+            queries = Queries(AsyncpgDriver(conn))
+            if not await queries.schema_is_installed():
+                await queries.install()
+
+        self.sql(PGQUEUER_DB, install)
+        events = self.args.events
+        for batch in PGQUEUER_BATCHES:
+
+            async def fill(conn: Any) -> None:
+                from pgqueuer.db import AsyncpgDriver
+                from pgqueuer.queries import Queries
+
+                queries = Queries(AsyncpgDriver(conn))
+                for lo in range(0, events, FILL_CHUNK):
+                    k = min(FILL_CHUNK, events - lo)
+                    payloads = [b"\n" + _event_body(lo + i).encode() for i in range(k)]
+                    await queries.enqueue(["noop"] * k, payloads, [0] * k)  # type: ignore[arg-type]
+                await conn.execute("VACUUM ANALYZE pgqueuer")
+
+            self.sql(PGQUEUER_DB, fill)
+            self.checkpoint()
+            spec = {"role": "pgqueuer-worker", "socket_dir": self.socket_dir, "drain": True, "batch": batch}
+            r = self._drain(spec, events, PGQUEUER_DB, PGQUEUER_LEFT, f"pgqueuer-drain-{batch}")
+            self.record(f"pgqueuer_drain_{batch}", f"PgQueuer drain, batch {batch}", r)
+        batch = PGQUEUER_BATCHES[0]
+        spec = {"role": "pgqueuer-worker", "socket_dir": self.socket_dir, "drain": False, "batch": batch}
+        self._end_to_end_phases("pgqueuer", "PgQueuer", f"batch {batch}", spec, PGQUEUER_DB, PGQUEUER_LEFT)
+
+    def procrastinate(self) -> None:
+        concurrency = self.args.concurrency
+        events = self.args.procrastinate_events
+
+        async def install() -> None:
+            app = _procrastinate_app(self.socket_dir, 1)
+            async with app.open_async():
+                await app.schema_manager.apply_schema_async()
+
+        async def fill() -> None:
+            app = _procrastinate_app(self.socket_dir, 2)
+            async with app.open_async():
+
+                @app.task(name="noop")
+                async def noop(event: str, t: float = 0.0) -> None:
+                    raise AssertionError("the filler runs no job")
+
+                for lo in range(0, events, FILL_CHUNK):
+                    chunk = [{"event": _event_body(lo + i)} for i in range(min(FILL_CHUNK, events - lo))]
+                    await noop.batch_defer_async(*chunk)
+
+        async def vacuum(conn: Any) -> None:
+            await conn.execute("VACUUM ANALYZE procrastinate_jobs")
+
+        asyncio.run(install())
+        asyncio.run(fill())
+        self.sql(PROCRASTINATE_DB, vacuum)
+        self.checkpoint()
+        spec = {"role": "procrastinate-worker", "socket_dir": self.socket_dir, "concurrency": concurrency}
+        r = self._drain(
+            spec | {"drain": True}, events, PROCRASTINATE_DB, PROCRASTINATE_LEFT, "procrastinate-drain"
+        )
+        self.record("procrastinate_drain", f"Procrastinate drain, concurrency {concurrency}", r)
+        self._end_to_end_phases(
+            "procrastinate",
+            "Procrastinate",
+            f"conc. {concurrency}",
+            spec | {"drain": False},
+            PROCRASTINATE_DB,
+            PROCRASTINATE_LEFT,
+        )
+
+    # --- the two kinds of peer phase ----------------------------------------------------------------------
+
+    def _drain(
+        self, spec: dict[str, Any], expected: int, database: str, left_query: str, tag: str
+    ) -> dict[str, Any]:
+        """A worker started on a filled queue until it finds it empty."""
+        worker = _Role(spec, self.tmp / f"{tag}.log")
+        try:
+            cpu = _ProcessCpu([worker.proc.pid], self.postmaster_pid, [])
+            cpu.start()
+            worker.send("go")
+            out = worker.result(DRAIN_TIMEOUT_S)
+            cores = cpu.stop()
+        finally:
+            worker.finish()
+        if out is None:
+            raise RuntimeError(f"{tag}: not drained in {DRAIN_TIMEOUT_S:.0f} s")
+        left = self.sql(database, lambda conn: conn.fetchval(left_query))
+        seconds = out["end"] - out["start"]
+        good = out["handled"] == expected and left == 0
+        self.checks[tag] = f"{out['handled']} handled of {expected}, {left} left in the queue" + (
+            " -> ok" if good else " -> FAILED"
+        )
+        return {"rate": out["handled"] / seconds, "seconds": seconds, "events": out["handled"], "cpu": cores}
+
+    def _end_to_end(
+        self,
+        peer: str,
+        spec: dict[str, Any],
+        database: str,
+        left_query: str,
+        *,
+        rate: float | None,
+        warmup: float,
+        duration: float,
+    ) -> dict[str, Any]:
+        """Enqueuers (closed loop, or open loop at `rate`) and a worker at once; the latency between."""
+        tag = f"{peer}-e2e-{rate or 'closed'}"
+        worker = _Role(spec, self.tmp / f"{tag}-worker.log")
+        enqueuers: _Role | None = None
+        try:
+            enqueuers = _Role(
+                {
+                    "role": "enqueuers",
+                    "peer": peer,
+                    "socket_dir": self.socket_dir,
+                    "clients": self.args.enqueuers,
+                    "rate": rate,
+                    "warmup": warmup,
+                    "duration": duration,
+                },
+                self.tmp / f"{tag}-enqueuers.log",
+            )
+            cpu = _ProcessCpu([worker.proc.pid], self.postmaster_pid, [enqueuers.proc.pid])
+            worker.send("go")
+            enqueuers.send("go")
+            time.sleep(warmup)
+            cpu.start()
+            time.sleep(duration)
+            cores = cpu.stop()
+            sent = enqueuers.result(60)
+            if sent is None:
+                raise RuntimeError(f"{tag}: the enqueuers did not finish")
+            after = time.monotonic()
+            left, seen = asyncio.run(
+                _wait_until(self.socket_dir, database, left_query, lambda n: n == 0, BACKLOG_WAIT_S)
+            )
+            worker.send("stop")
+            out = worker.result(60)
+        finally:
+            worker.finish()
+            if enqueuers is not None:
+                enqueuers.finish()
+        if out is None:
+            raise RuntimeError(f"{tag}: the worker did not stop")
+        if left:  # what it could not handle goes, so that the next phase starts from an empty queue
+            self.sql(database, lambda conn: conn.execute(CLEAR[database]))
+        t_measure, t_end = sent["t_measure"], sent["t_end"]
+        window = [(e, h) for e, h in out["times"] if t_measure <= e < t_end]
+        handled = sum(1 for _, h in out["times"] if t_measure <= h < t_end)
+        lat = _percentiles(Counter(round((h - e) * 1e3, 3) for e, h in window))
+        drained_after = seen - after
+        kept_up = handled >= KEEP_UP * sent["in_window"] and not left and drained_after <= KEEP_UP_DRAIN_S
+        return {
+            "rate": handled / duration,
+            "offered": rate,
+            "enqueued_rate": sent["in_window"] / duration,
+            "p50": lat["p50"],
+            "p99": lat["p99"],
+            "max": lat["max"],
+            "drained_after_s": drained_after,
+            "kept_up": kept_up,
+            "handled": out["handled"],
+            "enqueued": sent["enqueued"],
+            "left": left,
+            "cpu": cores,
+            "note": f"enqueued {sent['in_window'] / duration:.1f}/s; "
+            + (
+                f"the backlog was gone {drained_after:.2f} s after the enqueuers stopped"
+                if not left
+                else f"{left} jobs still queued {BACKLOG_WAIT_S:.0f} s after the enqueuers stopped"
+            ),
+        }
+
+    def _end_to_end_phases(
+        self, peer: str, title: str, how: str, spec: dict[str, Any], database: str, left_query: str
+    ) -> None:
+        """Closed loop at full tilt, then the highest fixed rate it keeps up with (a ladder of rates)."""
+        args = self.args
+        r = self._end_to_end(
+            peer, spec, database, left_query, rate=None, warmup=args.warmup, duration=args.duration
+        )
+        good = r["handled"] == r["enqueued"] and not r["left"]
+        self.checks[f"{peer}-e2e"] = (
+            f"{r['handled']} handled of {r['enqueued']} enqueued, {r['left']} left in the queue"
+            + (" -> ok" if good else " -> FAILED")
+        )
+        self.record(f"{peer}_e2e_closed", f"{title} e2e flat out, {args.enqueuers} enqueuers, {how}", r)
+        best: dict[str, Any] | None = None
+        steps: list[dict[str, Any]] = []
+        rate, failed_at = LADDER_START, None
+        while rate <= LADDER_MAX:
+            step = self._end_to_end(
+                peer, spec, database, left_query, rate=rate, warmup=1.0, duration=args.step_duration
+            )
+            steps.append(step)
+            if not step["kept_up"]:
+                failed_at = rate
+                break
+            best, rate = step, rate * 2
+        if best is not None and failed_at is not None:  # one step between the last kept and the first lost
+            rate = round(math.sqrt(best["offered"] * failed_at))
+            step = self._end_to_end(
+                peer, spec, database, left_query, rate=rate, warmup=1.0, duration=args.step_duration
+            )
+            steps.append(step)
+            if step["kept_up"]:
+                best = step
+        ladder = ", ".join(
+            f"{s['offered']:g}/s {'kept up' if s['kept_up'] else 'fell behind'} (p99 {_ms(s['p99'])} ms)"
+            for s in steps
+        )
+        if best is None:
+            best = {"rate": 0.0, "p50": None, "p99": None, "cpu": steps[0]["cpu"], "offered": 0}
+        best = best | {"note": f"ladder: {ladder}", "steps": steps}
+        self.record(f"{peer}_e2e", f"{title} e2e sustained, {how}", best)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=20_000, help="events per drain (default 20000)")
+    p.add_argument(
+        "--procrastinate-events",
+        type=int,
+        default=5_000,
+        help="jobs of Procrastinate's drain, a slower one (default 5000)",
+    )
+    p.add_argument("--duration", type=float, default=15.0, help="seconds measured end to end (default 15)")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before (default 2)")
+    p.add_argument(
+        "--step-duration", type=float, default=5.0, help="seconds measured per rate of a ladder (default 5)"
+    )
+    p.add_argument("--enqueuers", type=int, default=32, help="concurrent enqueuers, end to end (default 32)")
+    p.add_argument(
+        "--concurrency", type=int, default=10, help="Procrastinate worker concurrency (default 10)"
+    )
+    p.add_argument("--skip-peers", action="store_true", help="neither PgQueuer nor Procrastinate")
+    p.add_argument("--json", type=Path, help="also write all results to this file")
+    p.add_argument("--role", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.role:
+        _role_main(args.role)
+        return 0
+
+    from app.db.embedded import EmbeddedPostgres
+    from app.db.migrate import upgrade
+
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="payguard-bench-worker-"))
+    pg: Any = None
+    try:
+        pg = EmbeddedPostgres(tmp)
+        for database in (DATABASE, PGQUEUER_DB, PROCRASTINATE_DB):
+            asyncio.run(pg.ensure_database(database))
+        upgrade(pg.url(DATABASE))
+        bench = Bench(args, tmp, pg.socket_dir, int(pg._server.get_pid()))
+        print(f"PostgreSQL: embedded, data in {tmp}; {args.events} events per drain", flush=True)
+        print(
+            f"\n  {'phase':<52} {'events/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'worker ms':>9} {'pg ms':>7}"
+            "   cores: worker / postgres / loadgen / other",
+            flush=True,
+        )
+        bench.pgbench_claims()
+        missing = []
+        if not args.skip_peers:
+            for peer, modules, run in (
+                ("PgQueuer", ("pgqueuer", "asyncpg"), bench.pgqueuer),
+                ("Procrastinate", ("procrastinate", "psycopg", "psycopg_pool"), bench.procrastinate),
+            ):
+                if all(importlib.util.find_spec(m) for m in modules):
+                    bench.checkpoint()
+                    run()
+                else:
+                    missing.append(peer)
+        for peer in missing:
+            print(f"  {peer} skipped: not installed ({sys.executable} -m {INSTALL})")
+
+        r = bench.results
+        print()
+        for name, b, a in [
+            ("PgQueuer drain, batch 100 / batch 10", "pgqueuer_drain_100", "pgqueuer_drain_10"),
+        ]:
+            if a in r and b in r:
+                print(f"  {name:<52} {_ratio(r[b]['rate'], r[a]['rate'])}")
+        other = max((x["cpu"]["other"] for x in r.values()), default=0.0)
+        if other > 0.15:
+            print(f"  ! up to {other:.2f} cores were busy with other processes: the figures are disturbed")
+        print()
+        ok = True
+        for name, line in bench.checks.items():
+            ok &= line.endswith("ok")
+            print(f"  check {name:<22} {line}")
+        print(f"  checks {'passed' if ok else 'FAILED'}; the run took {time.monotonic() - started:.0f} s")
+        if args.json is not None:
+            report = {"phases": r, "checks": bench.checks, "passed": ok}
+            args.json.write_text(json.dumps(report, indent=2, default=str))
+    except Exception:
+        for log in sorted(tmp.glob("*.log")):
+            print(f"--- {log.name} (tail) ---\n{_tail(log)}", file=sys.stderr)
+        raise
+    finally:
+        if pg is not None:
+            pg.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
