@@ -657,7 +657,9 @@ def _loadgen_main(raw: str) -> None:
         uvloop.install()
     except ImportError:
         pass
-    print(json.dumps(asyncio.run(_python_loadgen(json.loads(raw)))), flush=True)
+    spec = json.loads(raw)
+    result = asyncio.run(_python_loadgen(spec))
+    Path(spec["out"]).write_text(json.dumps(result))  # a file: a large result through a pipe came out garbled
 
 
 def run_python_loadgen(
@@ -673,8 +675,11 @@ def run_python_loadgen(
 ) -> dict[str, Any]:
     """Python load generators in `processes` processes (this file, `--loadgen-worker`); merged results."""
     procs = []
+    outs: list[Path] = []
     for i in range(processes):
         share = clients // processes + (1 if i < clients % processes else 0)
+        fd, out = tempfile.mkstemp(prefix="payguard-loadgen-", suffix=".json")
+        os.close(fd)
         spec = {
             "ports": ports[i % len(ports) :] + ports[: i % len(ports)],
             "clients": share,
@@ -684,7 +689,9 @@ def run_python_loadgen(
             "duration": duration,
             "prefix": f"{prefix}{i}_",
             "secret": WEBHOOK_SECRET,
+            "out": out,
         }
+        outs.append(Path(out))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--loadgen-worker", json.dumps(spec)]
         procs.append(
             subprocess.Popen(
@@ -706,11 +713,15 @@ def run_python_loadgen(
     time.sleep(duration)
     cores = cpu.stop()
     results = []
-    for p in procs:
-        out, err = p.communicate(timeout=warmup + duration + 120)
-        if p.returncode != 0 or not out.strip():
-            raise RuntimeError(f"load generator failed ({p.returncode}):\n{err[-3000:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    try:
+        for p, out in zip(procs, outs, strict=True):
+            _, err = p.communicate(timeout=warmup + duration + 120)
+            if p.returncode != 0 or not out.stat().st_size:
+                raise RuntimeError(f"load generator failed ({p.returncode}):\n{err[-3000:]}")
+            results.append(json.loads(out.read_text()))
+    finally:
+        for out in outs:
+            out.unlink(missing_ok=True)
     statuses: Counter[str] = Counter()
     histogram: Counter[float] = Counter()
     for r in results:

@@ -152,8 +152,8 @@ def _event_body(k: int) -> str:
 # Roles: peer workers and enqueuers, each in its own process (`worker_throughput.py --role '<json>'`)
 #
 # A role connects, prints "ready", starts on "go" from stdin, and (continuous workers) stops on "stop";
-# then prints its result as JSON and keeps its connections until "exit", so that the CPU of its process
-# and of its PostgreSQL backends can be read before they end.
+# then writes its result as JSON to a file, prints "done" and keeps its connections until "exit", so
+# that the CPU of its process and of its PostgreSQL backends can be read before they end.
 # ---------------------------------------------------------------------------------------------------------
 
 Report = Callable[[dict[str, Any]], Awaitable[None]]
@@ -163,9 +163,14 @@ async def _line() -> str:
     return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
 
-async def _report(result: dict[str, Any]) -> None:
-    print(json.dumps(result), flush=True)
-    await _line()  # "exit"
+def _reporter(out: str) -> Report:
+    async def report(result: dict[str, Any]) -> None:
+        with open(out, "w") as f:  # noqa: ASYNC230 (once, at the end; a file, not the pipe, for size)
+            json.dump(result, f)
+        print("done", flush=True)
+        await _line()  # "exit"
+
+    return report
 
 
 async def _pgqueuer_worker(spec: dict[str, Any], report: Report) -> None:
@@ -341,13 +346,15 @@ def _role_main(raw: str) -> None:
         "procrastinate-worker": _procrastinate_worker,
         "enqueuers": _enqueuers,
     }[spec["role"]]
-    asyncio.run(run(spec, _report))
+    asyncio.run(run(spec, _reporter(spec["out"])))
 
 
 class _Role:
     """A role's process: `ready`, then `go`; `stop` for a continuous worker; its JSON; then `exit`."""
 
     def __init__(self, spec: dict[str, Any], log: Path) -> None:
+        self.out = log.with_suffix(".json")
+        spec = spec | {"out": str(self.out)}
         cmd = [sys.executable, str(Path(__file__).resolve()), "--role", json.dumps(spec)]
         self.log, self.name = log, spec["role"]
         with log.open("w") as err:
@@ -375,7 +382,7 @@ class _Role:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} failed ({self.proc.returncode}):\n{_tail(self.log)}")
             return None
-        result: dict[str, Any] = json.loads(line)
+        result: dict[str, Any] = json.loads(self.out.read_text())
         return result
 
     def finish(self) -> None:
