@@ -36,7 +36,7 @@ Each phase reports CPU like bench/lead_purchase.py: `worker ms` and `pg ms` are 
 event of the worker processes and of all PostgreSQL processes; the cores columns split the machine
 between worker, PostgreSQL, load generator (enqueuers, pgbench) and `other`.
 
-    .venv/bin/python bench/worker_throughput.py [--events 20000] [--duration 15] [--json out.json]
+    .venv/bin/python bench/worker_throughput.py [--events 10000] [--duration 10] [--json out.json]
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ PGBENCH_CLIENTS = (1, 8)
 FILL_CHUNK = 5_000
 INSTALL = "pip install pgqueuer procrastinate 'psycopg[binary]' psycopg-pool"
 DRAIN_TIMEOUT_S = 300.0  # a drain slower than this is cut short and reported as such
-BACKLOG_WAIT_S = 20.0  # end to end: how long the worker may take to catch up once enqueuing stops
+BACKLOG_WAIT_S = 10.0  # end to end: how long the worker may take to catch up once enqueuing stops
 KEEP_UP = 0.97  # a rate is kept up with when this share of it is handled within the window ...
 KEEP_UP_DRAIN_S = 1.0  # ... and the backlog is gone this soon after the enqueuers stop
 LADDER_START, LADDER_MIN, LADDER_MAX = 250.0, 15.0, 32_000.0  # fixed rates tried end to end
@@ -755,6 +755,8 @@ def ladder(run: Callable[[float], dict[str, Any]], good: Callable[[dict[str, Any
     passed = [s for s in steps if good(s)]
     if passed:
         best = max(passed, key=lambda s: float(s["offered"]))
+        # a backlog from the warm-up handled inside the window is no rate it can hold
+        best = best | {"rate": min(best["rate"], best["offered"])}
     else:
         best = {"rate": 0.0, "p50": None, "p99": None, "cpu": steps[0]["cpu"], "offered": 0, "kept_up": False}
     return best | {"note": f"ladder: {text}", "steps": steps}
@@ -978,10 +980,11 @@ class Ours:
         kept_up = state["handled"] >= KEEP_UP * rate * duration and not left
         kept_up &= drained_after <= KEEP_UP_DRAIN_S
         non200 = sum(n for code, n in http["statuses"].items() if code != "200")
-        good = state["events"] == http["ok"] == state["as_expected"] and not left and not non200
+        # what is still pending was not handled in time (the rate was not kept up with), not wrongly
+        good = state["events"] == http["ok"] == state["as_expected"] + left and not non200
         self.bench.checks[f"{tag}-{rate:g}"] = (
             f"{http['ok']} deliveries acknowledged, {state['events']} rows, {state['as_expected']} ignored,"
-            f" {left} pending, {non200} non-200" + (" -> ok" if good else " -> FAILED")
+            f" {left} still pending, {non200} non-200" + (" -> ok" if good else " -> FAILED")
         )
         return {
             "rate": state["handled"] / duration,
@@ -1056,17 +1059,17 @@ def _targets(r: dict[str, dict[str, Any]]) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--events", type=int, default=20_000, help="events per drain (default 20000)")
+    p.add_argument("--events", type=int, default=10_000, help="events per drain (default 10000)")
     p.add_argument(
         "--procrastinate-events",
         type=int,
         default=5_000,
         help="jobs of Procrastinate's drain, a slower one (default 5000)",
     )
-    p.add_argument("--duration", type=float, default=15.0, help="seconds measured end to end (default 15)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds measured end to end (default 10)")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before (default 2)")
     p.add_argument(
-        "--step-duration", type=float, default=5.0, help="seconds measured per rate of a ladder (default 5)"
+        "--step-duration", type=float, default=4.0, help="seconds measured per rate of a ladder (default 4)"
     )
     p.add_argument("--enqueuers", type=int, default=32, help="concurrent enqueuers, end to end (default 32)")
     p.add_argument(
