@@ -94,6 +94,25 @@ class PayguardRequest(Request[Any, Any, Any]):
             raise InvalidJson("the body nests deeper than the JSON decoder allows") from None
 
 
+async def read_body(receive: Receive, limit: int, declared: bytes | None) -> bytes:
+    """The whole request body, for a bare ASGI handler: 413 above `limit`, 499 if the client goes away."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(status_code=413, detail=f"the body is over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("the client disconnected before sending the whole request")
+        chunk: bytes = message.get("body", b"")  # type: ignore[assignment]
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(status_code=413, detail=f"the body is over {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
 def refuse_oversized_headers(app: ASGIApp, max_bytes: int, max_count: int) -> ASGIApp:
     """Answer 431 to a request whose headers exceed the limits, before routing, auth or a body read."""
     detail = f"send at most {max_count} headers of at most {max_bytes} bytes in all"

@@ -27,7 +27,7 @@ from app.leads.routes import LeadsAdminController, LeadsController
 from app.observability.http import observe_requests
 from app.payments.gateway import PaymentGateway
 from app.services import Services
-from app.webhooks.routes import ReplayController, webhook_routes
+from app.webhooks.routes import WEBHOOK_ROUTES, ReplayController
 from app.webhooks.service import EventWriter
 from app.worker.registry import OPERATIONS
 from app.worker.runner import Worker
@@ -62,7 +62,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             LeadsAdminController,
             FailedOperationsController,
             ReplayController,
-            webhook_routes(settings),
+            WEBHOOK_ROUTES,
         ],
         dependencies={
             "services": Provide(provide_services, sync_to_thread=False),

@@ -1,32 +1,41 @@
-from typing import Any
-
-from litestar import Controller, Request, Router, post
+import msgspec
+from litestar import Controller, Router, asgi, post
 from litestar.di import NamedDependency
+from litestar.exceptions import MethodNotAllowedException
 from litestar.params import JSONBody
+from litestar.types import Receive, Scope, Send
 
-from app.config import Settings
 from app.context import Caller
+from app.http import read_body
 from app.services import Services
 from app.webhooks import replay, service
 from app.webhooks.schemas import Received, ReplayOut, ReplayRequest
 
+_ANSWERS = {dup: msgspec.json.encode(Received(received=True, duplicate=dup)) for dup in (False, True)}
+_JSON = [(b"content-type", b"application/json")]
 
-@post(
-    "/stripe",
-    status_code=200,
-    summary="Receive a Stripe event (signed with Stripe-Signature); answered once it is stored",
-    security=[],
-    tags=["webhooks"],
-)
-async def receive_stripe_event(
-    request: Request[Any, Any, Any], services: NamedDependency[Services]
-) -> Received:
-    body = await request.body()
-    writer: service.EventWriter = request.app.state.events
+
+@asgi("/stripe", copy_scope=False)
+async def receive_stripe_event(scope: Scope, receive: Receive, send: Send) -> None:
+    """POST a Stripe event (signed with Stripe-Signature): 200 {received, duplicate} once it is stored.
+
+    A bare ASGI handler: the hot path skips dependency injection and response building
+    (docs/performance.md); errors still go through the shell's problem details.
+    """
+    if scope.get("method") != "POST":
+        raise MethodNotAllowedException(headers={"Allow": "POST"})
+    state = scope["litestar_app"].state
+    settings = state.services.settings
+    headers = dict(scope["headers"])
+    body = await read_body(receive, settings.webhook_max_body_bytes, headers.get(b"content-length"))
+    signature = headers.get(b"stripe-signature")
     duplicate = await service.receive_event(
-        services.settings, writer, body, request.headers.get("stripe-signature")
+        settings, state.events, body, signature.decode("latin-1") if signature is not None else None
     )
-    return Received(received=True, duplicate=duplicate)
+    answer = _ANSWERS[duplicate]
+    length = [(b"content-length", str(len(answer)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": _JSON + length})
+    await send({"type": "http.response.body", "body": answer, "more_body": False})
 
 
 class ReplayController(Controller):
@@ -47,10 +56,4 @@ class ReplayController(Controller):
         return await replay.replay_events(services, data)
 
 
-def webhook_routes(settings: Settings) -> Router:
-    """Stripe's events can be larger than an API request: their own body limit (413 above it)."""
-    return Router(
-        "/webhooks",
-        route_handlers=[receive_stripe_event],
-        request_max_body_size=settings.webhook_max_body_bytes,
-    )
+WEBHOOK_ROUTES = Router("/webhooks", route_handlers=[receive_stripe_event])

@@ -203,3 +203,12 @@ async def test_a_literal_backslash_u0000_is_text_not_a_nul(client: Client, db: a
     evt["data"]["object"]["description"] = "C:\\u0000"  # backslash, then the letters u0000
     assert (await deliver(client, evt)).status_code == 200
     assert json.loads(await db.fetchval("SELECT payload FROM webhook_events")) == evt
+
+
+async def test_only_post_is_allowed_and_answers_are_problem_details(client: Client) -> None:
+    r = await client.get("/webhooks/stripe")
+    assert r.status_code == 405 and r.headers["content-type"].startswith("application/problem+json")
+    assert r.headers["allow"] == "POST"
+    raw, headers = signed(intent_event("payment_intent.succeeded", "pi_1", 1000))
+    r = await client.post("/webhooks/stripe", content=raw, headers={**headers, "Content-Length": "99999999"})
+    assert r.status_code == 413 and r.json()["type"] == "payload-too-large"
