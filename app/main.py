@@ -42,6 +42,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
     engine = create_engine(settings, database_url)
     services = Services(settings, session_factory(engine), PaymentGateway(settings), OPERATIONS)
     worker = Worker(services, engine)
+    events = EventWriter(engine)
     running: list[asyncio.Task[None]] = []
 
     async def start_worker() -> None:
@@ -51,6 +52,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
     async def stop_worker_then_engine() -> None:
         worker.stop()
         await asyncio.gather(*running)
+        await events.close()
         await engine.dispose()
 
     app = Litestar(
@@ -89,7 +91,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
     app.state.services = services
     app.state.worker = worker
     app.state.auth = Authenticator(settings)
-    app.state.events = EventWriter(engine)
+    app.state.events = events
     # outermost layer, so 404s and 405s raised while routing are counted and logged too, and so are
     # requests refused for their headers before anything else runs
     app.asgi_handler = observe_requests(

@@ -18,7 +18,7 @@ from typing import Annotated
 import msgspec
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.config import Settings
 from app.observability.metrics import WEBHOOKS_RECEIVED, WebhookReceipt
@@ -107,6 +107,15 @@ class EventWriter:
         self._engine = engine
         self._waiting: list[tuple[NewEvent, asyncio.Future[bool]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        # flushes run one at a time, on a connection of their own: no pool checkout and ping per flush
+        self._conn: AsyncConnection | None = None
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
 
     async def store(self, event: NewEvent) -> bool:
         """Store `event` unless its id is stored already; True if this call stored it, after the commit."""
@@ -156,10 +165,20 @@ class EventWriter:
             "created": [e.created for e in events],
             "payloads": [e.payload for e in events],
         }
-        async with self._engine.begin() as conn:
-            new = set((await conn.execute(_INSERT, params)).scalars())
-            if new:
-                await conn.execute(_NOTIFY)
+        if self._conn is None or self._conn.invalidated:
+            if self._conn is not None:
+                await self._conn.close()
+            self._conn = await self._engine.connect()
+        conn = self._conn
+        try:
+            async with conn.begin():
+                new = set((await conn.execute(_INSERT, params)).scalars())
+                if new:
+                    await conn.execute(_NOTIFY)
+        except BaseException:
+            if conn.invalidated or conn.closed:
+                self._conn = None
+            raise
         return new
 
 

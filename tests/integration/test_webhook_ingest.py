@@ -212,3 +212,17 @@ async def test_only_post_is_allowed_and_answers_are_problem_details(client: Clie
     raw, headers = signed(intent_event("payment_intent.succeeded", "pi_1", 1000))
     r = await client.post("/webhooks/stripe", content=raw, headers={**headers, "Content-Length": "99999999"})
     assert r.status_code == 413 and r.json()["type"] == "payload-too-large"
+
+
+async def test_ingest_survives_losing_its_connection(client: Client, db: asyncpg.Connection) -> None:
+    assert (await deliver(client, intent_event("payment_intent.succeeded", "pi_1", 1000))).status_code == 200
+    await db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    statuses = [
+        (await deliver(client, intent_event("payment_intent.succeeded", f"pi_{n}", 1000))).status_code
+        for n in range(2, 5)
+    ]
+    assert set(statuses) <= {200, 503} and statuses[-1] == 200, statuses  # Stripe retries a 503
+    assert await stored(db) == 1 + statuses.count(200)
