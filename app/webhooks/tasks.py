@@ -8,6 +8,7 @@ purchase only moves forward (see PurchaseStatus), so a late older event changes 
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import datetime
 from typing import Any
@@ -29,7 +30,18 @@ from app.observability.metrics import (
 from app.services import Services
 from app.webhooks.models import UNFINISHED, EventStatus
 from app.webhooks.service import HANDLED_TYPES, metric_type
-from app.worker.leases import Claimed, Commit, claim, claim_statement, fence_statement, fenced_attempt
+from app.worker.leases import (
+    FENCED,
+    Claimed,
+    Commit,
+    claim,
+    claim_statement,
+    database_gone,
+    fence_statement,
+    fenced_attempt,
+)
+
+log = logging.getLogger("payguard.webhooks")
 
 _CLAIM = claim_statement(
     "webhook_events",
@@ -146,6 +158,66 @@ async def claim_due_events(services: Services, batch: int) -> list[Claimed]:
         pending=EventStatus.PENDING,
         failed=EventStatus.FAILED,
     )
+
+
+_FENCE_BATCH = text(
+    "SELECT t.id FROM webhook_events t JOIN unnest(CAST(:ids AS bigint[]), CAST(:tokens AS bigint[]))"
+    " AS c(id, token) ON t.id = c.id AND t.lease_token = c.token ORDER BY t.id FOR UPDATE OF t"
+)
+_DONE_BATCH = text(
+    "UPDATE webhook_events w SET status = d.status, outcome = d.outcome, attempts = w.attempts + 1,"
+    " handled_at = now(), lease_token = NULL, lease_expires_at = NULL"
+    " FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:outcomes AS text[]))"
+    " AS d(id, status, outcome) WHERE w.id = d.id"
+)
+
+
+async def handle_events(services: Services, items: list[Claimed]) -> list[str]:
+    """Several claimed events in one transaction: one fence, each effect, one status update, one commit.
+
+    Optimistic: if any effect fails (a mismatch, a lock timeout, a deadlock with another batch),
+    the transaction rolls back and each event gets an attempt of its own (`handle_event`), which
+    records its failure without touching the others.
+    """
+    if len(items) == 1:
+        return [await handle_event(services, items[0])]
+    done: list[tuple[Claimed, str]] = []
+    try:
+        async with services.sessions() as session, session.begin():
+            conn = await session.connection()
+            fence = {"ids": [i.id for i in items], "tokens": [i.token for i in items]}
+            owned = set((await conn.execute(_FENCE_BATCH, fence)).scalars())
+            for item in items:
+                if item.id in owned:
+                    outcome = await apply_event(conn, services, item.row.type, payload_of(item.row.payload))
+                    done.append((item, outcome))
+            if done:
+                await conn.execute(
+                    _DONE_BATCH,
+                    {
+                        "ids": [i.id for i, _ in done],
+                        "statuses": [_status(o) for _, o in done],
+                        "outcomes": [o for _, o in done],
+                    },
+                )
+    except Exception as exc:
+        if database_gone(exc):
+            raise
+        log.info(
+            "batch rolled back; one event at a time", extra={"events": len(items), "error": repr(exc)[:300]}
+        )
+        return [await handle_event(services, item) for item in items]
+    outcomes = {item.id: _counted(item, outcome) for item, outcome in done}
+    return [outcomes.get(item.id) or _counted(item, FENCED) for item in items]
+
+
+def _counted(item: Claimed, outcome: str) -> str:
+    """The attempt's outcome as the metrics count it (done, ignored or fenced), and its lag."""
+    if outcome != FENCED:
+        outcome = WorkOutcome.IGNORED if _status(outcome) == EventStatus.IGNORED else WorkOutcome.DONE
+        WEBHOOK_LAG.observe(max(0.0, time.time() - item.row.received_at.timestamp()))
+    WORK_DONE.labels(Queue.WEBHOOK_EVENTS, metric_type(item.row.type), outcome).inc()
+    return outcome
 
 
 async def handle_event(services: Services, item: Claimed) -> str:

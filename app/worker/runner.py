@@ -27,8 +27,19 @@ from app.worker.leases import WORK_CHANNEL, Claimed, release_statement
 
 log = logging.getLogger("payguard.worker")
 
+MAX_CHUNK = (
+    10  # items per transaction: a chunk that fails is redone one by one, and a stop gives back the rest
+)
 Claim = Callable[[Services, int], Awaitable[list[Claimed]]]
-Handle = Callable[[Services, Claimed], Awaitable[str]]
+Handle = Callable[[Services, list[Claimed]], Awaitable[object]]
+
+
+def one_at_a_time(handle: Callable[[Services, Claimed], Awaitable[str]]) -> Handle:
+    async def each(services: Services, items: list[Claimed]) -> None:
+        for item in items:
+            await handle(services, item)
+
+    return each
 
 
 class Worker:
@@ -50,13 +61,23 @@ class Worker:
     async def run(self) -> None:
         settings = self.services.settings
         loops = [
-            self._drain(Queue.WEBHOOK_EVENTS, "webhook_events", events.claim_due_events, events.handle_event),
+            # events in chunks, each chunk one transaction (it falls back to one event at a time)
+            self._drain(
+                Queue.WEBHOOK_EVENTS,
+                "webhook_events",
+                events.claim_due_events,
+                events.handle_events,
+                chunked=True,
+            ),
             self._emails(),
         ]
         if settings.retry_driver == "local":  # otherwise the operator drives the retries
             loops.append(
                 self._drain(
-                    Queue.RETRIES, "failed_operations", failures.claim_due_retries, failures.run_retry
+                    Queue.RETRIES,
+                    "failed_operations",
+                    failures.claim_due_retries,
+                    one_at_a_time(failures.run_retry),
                 )
             )
         listener = asyncio.create_task(self._listen())
@@ -79,9 +100,13 @@ class Worker:
             return
         # a batch no larger than what is sent at once: every lease is acted on long before it expires
         batch = min(settings.worker_batch_size, settings.worker_concurrency)
-        await self._drain(Queue.OUTBOX, "outbox_emails", emails.claim_due_emails, emails.send_email, batch)
+        await self._drain(
+            Queue.OUTBOX, "outbox_emails", emails.claim_due_emails, one_at_a_time(emails.send_email), batch
+        )
 
-    async def _drain(self, queue: Queue, table: str, claim: Claim, handle: Handle, batch: int = 0) -> None:
+    async def _drain(
+        self, queue: Queue, table: str, claim: Claim, handle: Handle, batch: int = 0, chunked: bool = False
+    ) -> None:
         settings = self.services.settings
         batch = batch or settings.worker_batch_size
         slots = asyncio.Semaphore(settings.worker_concurrency)
@@ -99,9 +124,11 @@ class Worker:
             # an item not started while its lease is young is left to the next claim, not run late
             deadline = time.monotonic() + settings.worker_lease_s / 2
             unstarted: list[Claimed] = []
-
+            # `concurrency` chunks at once; one item per chunk unless the queue handles chunks together
+            size = min(MAX_CHUNK, -(-len(items) // settings.worker_concurrency)) if chunked else 1
+            chunks = [items[i : i + size] for i in range(0, len(items), size)]
             await asyncio.gather(
-                *(self._attempt(queue, handle, item, slots, deadline, unstarted) for item in items)
+                *(self._attempt(queue, handle, chunk, slots, deadline, unstarted) for chunk in chunks)
             )
             if queue == Queue.WEBHOOK_EVENTS:
                 self.wake(Queue.OUTBOX)  # handled payments may have queued receipts
@@ -112,19 +139,19 @@ class Worker:
         self,
         queue: Queue,
         handle: Handle,
-        item: Claimed,
+        chunk: list[Claimed],
         slots: asyncio.Semaphore,
         deadline: float,
         unstarted: list[Claimed],
     ) -> None:
         async with slots:
             if self._stopping.is_set() or time.monotonic() > deadline:
-                unstarted.append(item)
+                unstarted.extend(chunk)
                 return
             try:
-                await handle(self.services, item)
-            except Exception as exc:  # its lease expires and another claim retries it
-                log.warning("attempt failed: %r", exc, extra={"queue": queue, "id": item.id})
+                await handle(self.services, chunk)
+            except Exception as exc:  # their leases expire and another claim retries them
+                log.warning("attempt failed: %r", exc, extra={"queue": queue, "ids": [i.id for i in chunk]})
 
     async def _release(self, statement: Any, items: list[Claimed]) -> None:
         try:
