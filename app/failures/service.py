@@ -279,3 +279,23 @@ async def discard_failed_operation(services: Services, op_id: int) -> FailedOper
         operation: Operation = services.operations[row.kind]
         await operation.give_up(await session.connection(), row.item_id)
     return _out(row)
+
+
+_DUE = text(
+    "SELECT count(*) AS depth, min(next_attempt_at) AS oldest FROM failed_operations"
+    " WHERE status IN (:pending, :retrying) AND next_attempt_at <= now()"
+)
+_COUNTS = text("SELECT kind, status, count(*) AS n FROM failed_operations GROUP BY kind, status")
+
+
+async def backlog(conn: AsyncConnection) -> tuple[int, datetime | None]:
+    """Retries that are due: how many, and since when the oldest has been."""
+    params = {"pending": FailureStatus.PENDING, "retrying": FailureStatus.RETRYING}
+    row = (await conn.execute(_DUE, params)).one()
+    return row.depth, row.oldest
+
+
+async def counts(conn: AsyncConnection) -> dict[tuple[str, str], int]:
+    """Failed operations by (kind, status), every pair present (0 when none)."""
+    seen = {(r.kind, r.status): r.n for r in (await conn.execute(_COUNTS)).all()}
+    return {(k, st): seen.get((k, st), 0) for k in OperationKind for st in FailureStatus}

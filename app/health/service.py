@@ -1,8 +1,10 @@
 from sqlalchemy import text
 
-from app.failures.models import FailureStatus, OperationKind
-from app.observability.metrics import EMAILS_HELD, FAILED_OPERATIONS, QUEUE_DEPTH, QUEUE_OLDEST_AGE
+from app.failures import service as failures
+from app.notifications import service as notifications
+from app.observability.metrics import EMAILS_HELD, FAILED_OPERATIONS, QUEUE_DEPTH, QUEUE_OLDEST_AGE, Queue
 from app.services import Services
+from app.webhooks import service as webhooks
 
 
 async def database_ready(services: Services) -> bool:
@@ -14,37 +16,25 @@ async def database_ready(services: Services) -> bool:
         return False
 
 
-# one round trip over the partial indexes of each queue
-_BACKLOG = text(
-    "SELECT 'webhook_events' AS queue, count(*) AS depth, min(received_at) AS oldest"
-    " FROM webhook_events WHERE status IN ('pending', 'failed')"
-    " UNION ALL SELECT 'outbox', count(*), min(created_at) FROM outbox_emails"
-    " WHERE status IN ('pending', 'failed')"
-    " UNION ALL SELECT 'retries', count(*), min(next_attempt_at) FROM failed_operations"
-    " WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now()"
-    " UNION ALL SELECT 'held', count(*), NULL FROM outbox_emails WHERE status = 'held'"
-)
-_FAILURES = text("SELECT kind, status, count(*) AS n FROM failed_operations GROUP BY kind, status")
-
-
 async def observe_queues(services: Services) -> None:
     """Set the backlog gauges from the database; a database that does not answer leaves them as they were."""
     try:
         async with services.sessions() as session:
-            now = await session.scalar(text("SELECT now()"))
-            backlog = (await session.execute(_BACKLOG)).all()
-            failures = (await session.execute(_FAILURES)).all()
+            conn = await session.connection()
+            now = await conn.scalar(text("SELECT now()"))
+            events = await webhooks.backlog(conn)
+            depth, oldest, held = await notifications.backlog(conn)
+            retries = await failures.backlog(conn)
+            by_kind = await failures.counts(conn)
     except Exception:
         return
-    for row in backlog:
-        if row.queue == "held":
-            EMAILS_HELD.set(row.depth)
-            continue
-        QUEUE_DEPTH.labels(row.queue).set(row.depth)
-        QUEUE_OLDEST_AGE.labels(row.queue).set(
-            max(0.0, (now - row.oldest).total_seconds()) if row.oldest else 0
-        )
-    seen = {(r.kind, r.status): r.n for r in failures}
-    for kind in OperationKind:
-        for status in FailureStatus:
-            FAILED_OPERATIONS.labels(kind, status).set(seen.get((kind, status), 0))
+    for queue, (count, since) in {
+        Queue.WEBHOOK_EVENTS: events,
+        Queue.OUTBOX: (depth, oldest),
+        Queue.RETRIES: retries,
+    }.items():
+        QUEUE_DEPTH.labels(queue).set(count)
+        QUEUE_OLDEST_AGE.labels(queue).set(max(0.0, (now - since).total_seconds()) if since else 0)
+    EMAILS_HELD.set(held)
+    for (kind, status), n in by_kind.items():
+        FAILED_OPERATIONS.labels(kind, status).set(n)

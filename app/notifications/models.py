@@ -30,9 +30,11 @@ class OutboxEmail(Base):
     __table_args__ = (
         CheckConstraint(one_of("status", EmailStatus), name="status_known"),
         Index(
-            "ix_outbox_emails_sendable",
+            "ix_outbox_emails_unsent",
             "id",
-            postgresql_where=text(f"status IN ('{EmailStatus.PENDING}', '{EmailStatus.HELD}')"),
+            postgresql_where=text(
+                f"status IN ('{EmailStatus.PENDING}', '{EmailStatus.HELD}', '{EmailStatus.FAILED}')"
+            ),
         ),
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -49,3 +50,18 @@ async def enqueue_email(
         },
     )
     return email_id
+
+
+_BACKLOG = text(
+    "SELECT count(*) FILTER (WHERE status IN (:pending, :failed)) AS depth,"
+    " min(created_at) FILTER (WHERE status IN (:pending, :failed)) AS oldest,"
+    " count(*) FILTER (WHERE status = :held) AS held"
+    " FROM outbox_emails WHERE status IN (:pending, :failed, :held)"
+)
+
+
+async def backlog(conn: AsyncConnection) -> tuple[int, datetime | None, int]:
+    """Emails still to send (waiting or failed and retried), the oldest one's time, and how many are held."""
+    params = {"pending": EmailStatus.PENDING, "failed": EmailStatus.FAILED, "held": EmailStatus.HELD}
+    row = (await conn.execute(_BACKLOG, params)).one()
+    return row.depth, row.oldest, row.held

@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated
 
 import msgspec
@@ -238,3 +239,15 @@ HANDLED_TYPES = (
 def metric_type(event_type: str) -> str:
     """Types we handle by name; everything else as `other`, so a sender cannot grow our label set."""
     return event_type if event_type in HANDLED_TYPES else "other"
+
+
+_BACKLOG = text(
+    "SELECT count(*) AS depth, min(received_at) AS oldest FROM webhook_events"
+    " WHERE status IN (:pending, :failed)"
+)
+
+
+async def backlog(conn: AsyncConnection) -> tuple[int, datetime | None]:
+    """Events not handled yet (waiting or failed and retried): how many, and the oldest receipt."""
+    row = (await conn.execute(_BACKLOG, {"pending": EventStatus.PENDING, "failed": EventStatus.FAILED})).one()
+    return row.depth, row.oldest

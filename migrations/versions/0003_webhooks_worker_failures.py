@@ -128,11 +128,11 @@ def upgrade() -> None:
         postgresql_where="((status)::text = 'pending'::text)",
     )
     op.create_index(
-        "ix_outbox_emails_sendable",
+        "ix_outbox_emails_unsent",
         "outbox_emails",
         ["id"],
         unique=False,
-        postgresql_where=sa.text("status IN ('pending', 'held')"),
+        postgresql_where=sa.text("status IN ('pending', 'held', 'failed')"),
     )
     op.create_unique_constraint(op.f("uq_outbox_emails_public_id"), "outbox_emails", ["public_id"])
     op.drop_column("outbox_emails", "attempts")
@@ -176,9 +176,9 @@ def downgrade() -> None:
         op.alter_column("outbox_emails", column, server_default=None)
     op.drop_constraint(op.f("uq_outbox_emails_public_id"), "outbox_emails", type_="unique")
     op.drop_index(
-        "ix_outbox_emails_sendable",
+        "ix_outbox_emails_unsent",
         table_name="outbox_emails",
-        postgresql_where=sa.text("status IN ('pending', 'held')"),
+        postgresql_where=sa.text("status IN ('pending', 'held', 'failed')"),
     )
     op.create_index(
         op.f("ix_outbox_emails_due"),
