@@ -13,7 +13,7 @@ from app.config import Settings, load_settings
 from app.db.embedded import EmbeddedPostgres
 from app.db.migrate import upgrade
 from app.main import create_app
-from tests.fixtures.app import TEST_SECRET, AppFactory, Client
+from tests.fixtures.app import TEST_SECRET, AppFactory, Client, connect
 from tests.fixtures.serve import postgres_data_dir
 from tests.fixtures.smtp import SmtpServer
 from tests.fixtures.stripe import FakeStripe, start_fake_stripe
@@ -76,9 +76,7 @@ async def db_url(new_database: Callable[[], Awaitable[str]]) -> str:
 @pytest.fixture
 async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A direct connection to the test's database, for asserting on rows."""
-    dsn = db_url.replace("postgresql+asyncpg", "postgresql")
-    host = dsn.split("host=", 1)[1]
-    conn = await asyncpg.connect(host=host, user="postgres", database=dsn.split("/")[3].split("?")[0])
+    conn = await connect(db_url)
     yield conn
     await conn.close()
 

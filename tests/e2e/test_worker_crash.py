@@ -20,20 +20,20 @@ import psutil
 import pytest
 
 from app.webhooks.models import EventStatus
+from tests.fixtures.app import connect
 from tests.fixtures.serve import free_port, start, stop, wait_ready
 from tests.fixtures.webhooks import signed
+from tests.fixtures.worker import wait_until as until
 from tests.fixtures.worker_process import (
     CREDITS,
     WorkerProcess,
     assert_granted_once,
-    connect,
     count_handled,
     intent_ids,
     paid_event,
     process_env,
     seed_purchases,
     store_paid_events,
-    until,
 )
 
 LEASE_S = "2"  # a killed worker's claims are taken over after this

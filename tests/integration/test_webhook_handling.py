@@ -11,7 +11,7 @@ from app.credits.models import PurchaseStatus
 from app.failures.models import FailureStatus, OperationKind
 from app.notifications.models import EmailStatus
 from app.webhooks.models import EventStatus
-from tests.fixtures.app import AppFactory, Client, auth, create_lead, token
+from tests.fixtures.app import AppFactory, Client, auth, connect, create_lead, token
 from tests.fixtures.webhooks import deliver, event, intent_event, refund_event
 from tests.fixtures.worker import FAST_WORKER, running_worker, until_settled
 
@@ -165,7 +165,7 @@ async def test_a_handler_error_is_retried_then_dead_after_the_budget(
     client = await make_client(**FAST_WORKER, db_lock_timeout_ms=50, webhook_max_retries=2)
     purchase = await buy(client)
     # another session holds the purchase's row: every attempt times out on its lock
-    holder = await asyncpg.connect(host=_host(db_url), user="postgres", database=_name(db_url))
+    holder = await connect(db_url)
     tx = holder.transaction()
     await tx.start()
     await holder.execute("SELECT 1 FROM credit_purchases FOR UPDATE")
@@ -194,14 +194,6 @@ async def test_a_handler_error_is_retried_then_dead_after_the_budget(
     assert await db.fetchval("SELECT status FROM webhook_events") == EventStatus.HANDLED
     again = await client.post(f"/admin/failed-operations/{op_id}/retry", headers=auth("admin", admin=True))
     assert again.status_code == 409
-
-
-def _host(url: str) -> str:
-    return url.split("host=", 1)[1]
-
-
-def _name(url: str) -> str:
-    return url.split("/")[3].split("?")[0]
 
 
 async def test_interleaved_out_of_order_events_end_in_each_intents_newest_state(
@@ -245,7 +237,7 @@ async def test_replay_dry_run_changes_nothing_and_a_real_one_applies_only_what_f
     async with running_worker(client):
         await deliver(client, intent_event("payment_intent.succeeded", handled["payment_intent_id"], 4500))
         await until_settled(db)
-        holder = await asyncpg.connect(host=_host(db_url), user="postgres", database=_name(db_url))
+        holder = await connect(db_url)
         tx = holder.transaction()
         await tx.start()
         await holder.execute(
