@@ -129,11 +129,9 @@ def _frozen(app: Any) -> Any:
 def worker(settings: Settings, args: argparse.Namespace) -> None:
     import asyncio
 
-    from app.db.engine import create_engine, session_factory
+    from app.db.engine import create_engine
     from app.db.migrate import upgrade
-    from app.payments.gateway import PaymentGateway
-    from app.services import Services
-    from app.worker.registry import OPERATIONS
+    from app.main import build_services
     from app.worker.runner import Worker
 
     if args.metrics_port:
@@ -146,8 +144,7 @@ def worker(settings: Settings, args: argparse.Namespace) -> None:
 
     async def run(url: str) -> None:
         engine = create_engine(settings, url)
-        services = Services(settings, session_factory(engine), PaymentGateway(settings), OPERATIONS)
-        runner = Worker(services, engine)
+        runner = Worker(build_services(settings, engine), engine)
         loop = asyncio.get_running_loop()
         for signum in STOP_SIGNALS:  # stop claiming, finish or give back what is held, exit 0
             loop.add_signal_handler(signum, runner.stop)

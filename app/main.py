@@ -9,6 +9,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.auth import Authenticator
 from app.config import Settings
@@ -38,9 +39,14 @@ def provide_services(state: State) -> Services:
     return services
 
 
+def build_services(settings: Settings, engine: AsyncEngine) -> Services:
+    """What every use case is handed, the same in `serve` and in `payguard worker`."""
+    return Services(settings, session_factory(engine), PaymentGateway(settings), OPERATIONS)
+
+
 def create_app(settings: Settings, database_url: str) -> Litestar:
     engine = create_engine(settings, database_url)
-    services = Services(settings, session_factory(engine), PaymentGateway(settings), OPERATIONS)
+    services = build_services(settings, engine)
     worker = Worker(services, engine)
     events = EventWriter(engine)
     running: list[asyncio.Task[None]] = []

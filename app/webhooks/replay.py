@@ -17,7 +17,7 @@ from app.problems import ServiceError
 from app.services import Services
 from app.webhooks.models import EventStatus
 from app.webhooks.schemas import ReplayedEvent, ReplayOut, ReplayRequest
-from app.webhooks.tasks import apply_event, mark_done, payload_of
+from app.webhooks.tasks import LOCK_EVENT, apply_event, mark_done, payload_of
 
 CHANGES = (Settlement.GRANTED, Settlement.MARKED_FAILED, Settlement.REVERSED)
 
@@ -31,7 +31,6 @@ _MATCH = text(
     " AND (CAST(:types AS text[]) IS NULL OR type = ANY(CAST(:types AS text[])))"
     " AND status <> :pending ORDER BY stripe_created, id LIMIT :limit"
 )
-_LOCK = text("SELECT id, event_id, type, payload, status FROM webhook_events WHERE id = :id FOR UPDATE")
 # taken before the event's row, in the order a retry takes them (its failed operation, then the event)
 _LOCK_OPERATION = text(
     "SELECT id FROM failed_operations WHERE kind = :kind AND reference = :reference FOR UPDATE"
@@ -83,7 +82,7 @@ async def _replay_one(services: Services, row_id: int, event_id: str, *, dry_run
         conn = await session.connection()
         try:
             await conn.execute(_LOCK_OPERATION, {"kind": OperationKind.WEBHOOK, "reference": event_id})
-            event = (await conn.execute(_LOCK, {"id": row_id})).first()
+            event = (await conn.execute(LOCK_EVENT, {"id": row_id})).first()
             if event is None:
                 return "pruned"
             try:
@@ -94,7 +93,7 @@ async def _replay_one(services: Services, row_id: int, event_id: str, *, dry_run
             if dry_run:
                 return outcome
             if event.status in (EventStatus.FAILED, EventStatus.DEAD):  # its failure is resolved now
-                await mark_done(conn, event.id, outcome)
+                await mark_done(conn, [(event.id, outcome)])
                 await conn.execute(
                     _RESOLVE,
                     {

@@ -21,6 +21,7 @@ from app.credits import service as credits
 from app.failures import service as failures
 from app.failures.engine import RetryLater
 from app.failures.models import FailureStatus, OperationKind
+from app.http import database_unreachable
 from app.observability.metrics import (
     WEBHOOK_LAG,
     WORK_DONE,
@@ -36,7 +37,6 @@ from app.worker.leases import (
     Commit,
     claim,
     claim_statement,
-    database_gone,
     fence_statement,
     fenced_attempt,
 )
@@ -51,12 +51,18 @@ _CLAIM = claim_statement(
     "w.id, w.event_id, w.type, w.payload, w.received_at",
 )
 _FENCE = fence_statement("webhook_events")
-_LOCK = text(
+LOCK_EVENT = text(
     "SELECT id, event_id, type, payload, received_at, status FROM webhook_events WHERE id = :id FOR UPDATE"
 )
+_FENCE_BATCH = text(
+    "SELECT t.id FROM webhook_events t JOIN unnest(CAST(:ids AS bigint[]), CAST(:tokens AS bigint[]))"
+    " AS c(id, token) ON t.id = c.id AND t.lease_token = c.token ORDER BY t.id FOR UPDATE OF t"
+)
 _DONE = text(
-    "UPDATE webhook_events SET status = :status, outcome = :outcome, attempts = attempts + 1,"
-    " handled_at = now(), lease_token = NULL, lease_expires_at = NULL WHERE id = :id"
+    "UPDATE webhook_events w SET status = d.status, outcome = d.outcome, attempts = w.attempts + 1,"
+    " handled_at = now(), lease_token = NULL, lease_expires_at = NULL"
+    " FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:outcomes AS text[]))"
+    " AS d(id, status, outcome) WHERE w.id = d.id"
 )
 _FAILED = text(
     "UPDATE webhook_events SET status = :status, attempts = attempts + 1, lease_token = NULL,"
@@ -143,8 +149,14 @@ def _status(outcome: str) -> EventStatus:
     return EventStatus.IGNORED if ignored else EventStatus.HANDLED
 
 
-async def mark_done(conn: AsyncConnection, event_id: int, outcome: str) -> None:
-    await conn.execute(_DONE, {"id": event_id, "status": _status(outcome), "outcome": outcome})
+async def mark_done(conn: AsyncConnection, done: list[tuple[int, str]]) -> None:
+    """Record (event id, outcome) pairs as handled or ignored, and release their leases."""
+    params = {
+        "ids": [event_id for event_id, _ in done],
+        "statuses": [_status(outcome) for _, outcome in done],
+        "outcomes": [outcome for _, outcome in done],
+    }
+    await conn.execute(_DONE, params)
 
 
 async def claim_due_events(services: Services, batch: int) -> list[Claimed]:
@@ -158,18 +170,6 @@ async def claim_due_events(services: Services, batch: int) -> list[Claimed]:
         pending=EventStatus.PENDING,
         failed=EventStatus.FAILED,
     )
-
-
-_FENCE_BATCH = text(
-    "SELECT t.id FROM webhook_events t JOIN unnest(CAST(:ids AS bigint[]), CAST(:tokens AS bigint[]))"
-    " AS c(id, token) ON t.id = c.id AND t.lease_token = c.token ORDER BY t.id FOR UPDATE OF t"
-)
-_DONE_BATCH = text(
-    "UPDATE webhook_events w SET status = d.status, outcome = d.outcome, attempts = w.attempts + 1,"
-    " handled_at = now(), lease_token = NULL, lease_expires_at = NULL"
-    " FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:outcomes AS text[]))"
-    " AS d(id, status, outcome) WHERE w.id = d.id"
-)
 
 
 async def handle_events(services: Services, items: list[Claimed]) -> list[str]:
@@ -192,29 +192,26 @@ async def handle_events(services: Services, items: list[Claimed]) -> list[str]:
                     outcome = await apply_event(conn, services, item.row.type, payload_of(item.row.payload))
                     done.append((item, outcome))
             if done:
-                await conn.execute(
-                    _DONE_BATCH,
-                    {
-                        "ids": [i.id for i, _ in done],
-                        "statuses": [_status(o) for _, o in done],
-                        "outcomes": [o for _, o in done],
-                    },
-                )
+                await mark_done(conn, [(item.id, outcome) for item, outcome in done])
     except Exception as exc:
-        if database_gone(exc):
+        if database_unreachable(exc):
             raise
         log.info(
             "batch rolled back; one event at a time", extra={"events": len(items), "error": repr(exc)[:300]}
         )
         return [await handle_event(services, item) for item in items]
-    outcomes = {item.id: _counted(item, outcome) for item, outcome in done}
-    return [outcomes.get(item.id) or _counted(item, FENCED) for item in items]
+    outcomes = {item.id: _handled(outcome) for item, outcome in done}
+    return [_counted(item, outcomes.get(item.id, FENCED)) for item in items]
+
+
+def _handled(outcome: str) -> str:
+    """What a handled event counts as: done, or ignored."""
+    return WorkOutcome.IGNORED if _status(outcome) == EventStatus.IGNORED else WorkOutcome.DONE
 
 
 def _counted(item: Claimed, outcome: str) -> str:
-    """The attempt's outcome as the metrics count it (done, ignored or fenced), and its lag."""
-    if outcome != FENCED:
-        outcome = WorkOutcome.IGNORED if _status(outcome) == EventStatus.IGNORED else WorkOutcome.DONE
+    """Count one attempt's outcome, and the lag of an event it finished."""
+    if outcome in (WorkOutcome.DONE, WorkOutcome.IGNORED):
         WEBHOOK_LAG.observe(max(0.0, time.time() - item.row.received_at.timestamp()))
     WORK_DONE.labels(Queue.WEBHOOK_EVENTS, metric_type(item.row.type), outcome).inc()
     return outcome
@@ -232,8 +229,8 @@ async def handle_event(services: Services, item: Claimed) -> str:
         return commit
 
     async def succeed(conn: AsyncConnection, now: datetime, outcome: str) -> str:
-        await mark_done(conn, row.id, outcome)
-        return WorkOutcome.IGNORED if _status(outcome) == EventStatus.IGNORED else WorkOutcome.DONE
+        await mark_done(conn, [(row.id, outcome)])
+        return _handled(outcome)
 
     async def fail(conn: AsyncConnection, now: datetime, error: str, permanent: bool) -> str:
         state = await failures.record_failure(
@@ -253,11 +250,7 @@ async def handle_event(services: Services, item: Claimed) -> str:
         )
         return WorkOutcome.DEAD if dead else WorkOutcome.FAILED
 
-    outcome = await fenced_attempt(services.sessions, _FENCE, item, perform, succeed, fail)
-    WORK_DONE.labels(Queue.WEBHOOK_EVENTS, metric_type(row.type), outcome).inc()
-    if outcome in (WorkOutcome.DONE, WorkOutcome.IGNORED):
-        WEBHOOK_LAG.observe(max(0.0, time.time() - row.received_at.timestamp()))
-    return outcome
+    return _counted(item, await fenced_attempt(services.sessions, _FENCE, item, perform, succeed, fail))
 
 
 class EventHandling:
@@ -265,11 +258,11 @@ class EventHandling:
 
     async def perform(self, services: Services, item_id: int | None, payload: dict[str, Any]) -> Commit:
         async def commit(conn: AsyncConnection) -> str:
-            event = (await conn.execute(_LOCK, {"id": item_id})).first()
+            event = (await conn.execute(LOCK_EVENT, {"id": item_id})).first()
             if event is None:
                 return WorkOutcome.IGNORED  # pruned: nothing left to do
             outcome = await apply_event(conn, services, event.type, payload_of(event.payload))
-            await mark_done(conn, event.id, outcome)
+            await mark_done(conn, [(event.id, outcome)])
             return outcome
 
         return commit

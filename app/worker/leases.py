@@ -15,10 +15,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import TextClause, text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from app.failures.engine import NeedsHuman, RetryLater
+from app.http import database_unreachable  # the database gone: the lease expires, nothing is recorded
 from app.observability.metrics import LEASE_TAKEOVERS, WORKER_CLAIMS
 
 WORK_CHANNEL = "payguard_work"  # the worker LISTENs here; one NOTIFY per commit, never per row
@@ -133,7 +133,7 @@ async def fenced_attempt(
                         raise
                     return await succeed(conn, now, outcome)
             except Exception as exc:
-                if not effect_failed or database_gone(exc):
+                if not effect_failed or database_unreachable(exc):
                     raise
                 error, permanent = describe(exc)
         assert error is not None
@@ -149,8 +149,3 @@ async def _fenced(conn: AsyncConnection, fence: TextClause, item: Claimed) -> da
     """The transaction's time if the item's lease is still this worker's (its row now locked), else None."""
     row = (await conn.execute(fence, {"id": item.id, "token": item.token})).first()
     return None if row is None else row.now
-
-
-def database_gone(exc: BaseException) -> bool:
-    """The connection itself failed: nothing can be recorded now; the lease will expire instead."""
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated

@@ -27,9 +27,8 @@ from app.worker.leases import WORK_CHANNEL, Claimed, release_statement
 
 log = logging.getLogger("payguard.worker")
 
-MAX_CHUNK = (
-    10  # items per transaction: a chunk that fails is redone one by one, and a stop gives back the rest
-)
+# items per transaction: a chunk that fails is redone one by one, and a stop gives back the rest
+MAX_CHUNK = 10
 Claim = Callable[[Services, int], Awaitable[list[Claimed]]]
 Handle = Callable[[Services, list[Claimed]], Awaitable[object]]
 
