@@ -19,10 +19,6 @@ class EmailStatus(StrEnum):
     SKIPPED = "skipped"  # nobody to send it to (the token had no email); what it says is in the API
 
 
-# the worker sends these
-SENDABLE = (EmailStatus.PENDING, EmailStatus.HELD)
-
-
 class OutboxEmail(Base):
     """An email to send, committed in the same transaction as the change it reports."""
 
