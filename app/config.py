@@ -91,7 +91,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     run_worker: bool = True  # `serve` runs the worker too; off where a worker Deployment runs it
     retry_driver: Literal["local", "kubernetes"] = "local"
     worker_batch_size: Positive = 100
-    worker_concurrency: Positive = 10  # items of one batch handled at once (each holds a connection)
+    worker_concurrency: Positive = 10  # attempts at once per queue (events: a batch each; each a connection)
     worker_lease_s: Seconds = 60.0  # a killed worker's claims are taken over after this
     worker_poll_interval_s: Seconds = 1.0  # the fallback when no NOTIFY arrives
     email_max_retries: Count = 3

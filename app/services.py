@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.payments.gateway import PaymentGateway
@@ -23,3 +23,9 @@ class Services:
     # what a retry of each kind of failed operation does (app/worker/registry.py)
     # (an app.failures.service.Operation each; typed loosely: Litestar resolves these hints at runtime)
     operations: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The sessions' engine: for work that needs a connection and no ORM session (the worker's)."""
+        engine: AsyncEngine = self.sessions.kw["bind"]
+        return engine

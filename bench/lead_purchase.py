@@ -87,7 +87,7 @@ def baseline_sql() -> BaselineSql:
         "ledger entry": credits._LEDGER,
         "lead sale": leads._SELL_LEAD,
         "purchase record": leads._RECORD_SALE,
-        "outbox insert": notifications._ENQUEUE,  # notifications.enqueue_email
+        "outbox insert": notifications._ENQUEUE,  # notifications.enqueue_emails
         "key finish": keys._FINISH,  # Step.finish
     }
     out: BaselineSql = {}
@@ -198,15 +198,16 @@ def baseline_purchase(
                         lead_id=lead_id, user_id=user, price_credits=price, ledger_entry_id=entry_id
                     )
                 )
-                payload = json.dumps({"lead_id": lead_id, "purchase_id": purchase_id, "title": lead["title"]})
+                email = {"lead_id": lead_id, "purchase_id": purchase_id, "title": lead["title"]}
+                payload = msgspec.json.encode(email).decode()
                 await c.fetchval(
-                    *outbox_insert(
-                        kind=EmailKind.LEAD_PURCHASED,
-                        user_id=user,
-                        recipient=None,  # the bench's tokens carry no email claim
-                        payload=payload,
-                        status=EmailStatus.SKIPPED,  # nobody to send it to
-                        trace_context="{}",
+                    *outbox_insert(  # notifications.enqueue_emails: one email
+                        kinds=[EmailKind.LEAD_PURCHASED],
+                        user_ids=[user],
+                        recipients=[None],  # the bench's tokens carry no email claim
+                        payloads=[payload],
+                        statuses=[EmailStatus.SKIPPED],  # nobody to send it to
+                        trace_contexts=["{}"],
                     )
                 )
                 body = msgspec.json.encode(

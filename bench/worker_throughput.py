@@ -1099,6 +1099,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-ours-ladder", action="store_true", help="ours end to end at the one rate only, no ladder"
     )
+    p.add_argument("--skip-ours-e2e", action="store_true", help="ours: the drains only, no end to end")
+    p.add_argument(
+        "--our-workers",
+        type=lambda v: tuple(int(n) for n in v.split(",")),
+        default=OUR_WORKERS,
+        help="`payguard worker` processes of our drains (default 1,2)",
+    )
     p.add_argument("--json", type=Path, help="also write all results to this file")
     p.add_argument("--role", help=argparse.SUPPRESS)
     return p
@@ -1145,12 +1152,12 @@ def main(argv: list[str] | None = None) -> int:
         r = bench.results
         if not args.skip_ours:
             ours = Ours(bench)
-            for workers in OUR_WORKERS:
+            for workers in args.our_workers:
                 for handler, batch in OUR_DRAINS:
                     ours.drain(workers, handler, batch)
             peer_rate = r["pgqueuer_e2e"]["rate"] if "pgqueuer_e2e" in r else None
             rate = args.e2e_rate or (round(E2E_ABOVE * peer_rate) if peer_rate else E2E_DEFAULT_RATE)
-            for separate_worker in (False, True):
+            for separate_worker in () if args.skip_ours_e2e else (False, True):
                 try:
                     ours.end_to_end(rate, separate_worker)
                 except RuntimeError as exc:  # the rest of the run is still worth having

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -207,22 +208,67 @@ class Settlement(StrEnum):
     REVERSED = "reversed"  # a refund took credits back (all of them, or what the balance held)
     UNCHANGED = "unchanged"  # a duplicate, or older than the state the purchase is in
     NOT_OURS = "not_ours"  # no credit purchase has this intent
+    # Stripe's amount or currency is not the purchase's: nothing granted, never recorded as an outcome
+    # (settle_paid_intent raises NeedsHuman for it)
+    MISMATCH = "mismatch"
 
 
-# the purchase's row, locked: every event about one intent waits for the one before it
+@dataclass(frozen=True)
+class Paid:
+    """What a payment_intent.succeeded says was paid."""
+
+    intent_id: str
+    amount: int
+    currency: str
+
+
+# the purchases' rows, locked (in id order: batches never deadlock on them): every event about one
+# intent waits for the one before it
+_PURCHASE_COLUMNS = (
+    "id, user_id, package_id, credits, amount, currency, status, recipient, credits_reversed,"
+    " payment_intent_id"
+)
 _LOCK_PURCHASE = text(
-    "SELECT id, user_id, package_id, credits, amount, currency, status, recipient, credits_reversed"
-    " FROM credit_purchases WHERE payment_intent_id = :intent_id FOR UPDATE"
+    f"SELECT {_PURCHASE_COLUMNS} FROM credit_purchases WHERE payment_intent_id = :intent_id FOR UPDATE"  # noqa: S608
+)
+_LOCK_PURCHASES = text(
+    f"SELECT {_PURCHASE_COLUMNS} FROM credit_purchases"  # noqa: S608 (constants)
+    " WHERE payment_intent_id = ANY(CAST(:intents AS text[])) ORDER BY id FOR UPDATE"
 )
 _SET_PURCHASE = text(
     "UPDATE credit_purchases SET status = :status, credits_reversed = :reversed, updated_at = now()"
     " WHERE id = :id"
 )
 _BALANCE = text("SELECT balance FROM credit_accounts WHERE user_id = :user_id FOR UPDATE")
+# Several purchases granted in one statement: each account moves once by its purchases' sum (accounts
+# locked in user order), each purchase gets its ledger entry with the balance as it was after it (the
+# final balance less what the account's later purchases of the batch added), and each purchase succeeds.
+_GRANT = text(
+    "WITH g AS (SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:user_ids AS text[]),"
+    " CAST(:credits AS bigint[]), CAST(:reasons AS text[]), CAST(:refs AS text[]))"
+    " AS g(id, user_id, credits, reason, reference)),"
+    " account AS (INSERT INTO credit_accounts AS a (user_id, balance)"
+    " SELECT user_id, sum(credits) FROM g GROUP BY user_id ORDER BY user_id"
+    " ON CONFLICT (user_id) DO UPDATE SET balance = a.balance + excluded.balance, updated_at = now()"
+    " RETURNING a.user_id, a.balance),"
+    " entry AS (INSERT INTO credit_ledger (user_id, delta, balance_after, reason, reference)"
+    " SELECT g.user_id, g.credits, account.balance - coalesce(sum(g.credits) OVER later, 0),"
+    " g.reason, g.reference FROM g JOIN account USING (user_id)"
+    " WINDOW later AS (PARTITION BY g.user_id ORDER BY g.id DESC"
+    " ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)"
+    " ORDER BY g.id RETURNING reference, balance_after),"
+    " paid AS (UPDATE credit_purchases p SET status = :succeeded, credits_reversed = 0, updated_at = now()"
+    " FROM g WHERE p.id = g.id)"
+    " SELECT reference, balance_after FROM entry"
+)
+
+
+def _matches(purchase: Any, amount: int, currency: str) -> bool:
+    return (purchase.amount, purchase.currency) == (amount, currency.lower())
 
 
 def _check_paid(purchase: Any, amount: int, currency: str) -> None:
-    if (purchase.amount, purchase.currency) != (amount, currency.lower()):
+    if not _matches(purchase, amount, currency):
         PURCHASES.labels(PurchaseKind.CREDITS, PurchaseOutcome.MISMATCH).inc()
         raise NeedsHuman(
             f"Stripe reports {amount} {currency} for purchase {purchase.id},"
@@ -230,46 +276,71 @@ def _check_paid(purchase: Any, amount: int, currency: str) -> None:
         )
 
 
-async def _grant_paid(conn: AsyncConnection, purchase: Any, intent_id: str) -> None:
-    """Credit a paid purchase and queue its receipt, in the caller's transaction."""
-    _, balance = await apply_ledger_entry(
-        conn,
-        user_id=purchase.user_id,
-        delta=purchase.credits,
-        reason=f"purchase of package {purchase.package_id}",
-        reference=f"payment_intent:{intent_id}",
-    )
-    await conn.execute(_SET_PURCHASE, {"id": purchase.id, "status": PurchaseStatus.SUCCEEDED, "reversed": 0})
-    await notifications.enqueue_email(
-        conn,
-        kind=notifications.EmailKind.CREDITS_PURCHASED,
-        user_id=purchase.user_id,
-        recipient=purchase.recipient,
-        payload={
-            "purchase_id": purchase.id,
-            "credits": purchase.credits,
-            "amount": purchase.amount,
-            "currency": purchase.currency,
-            "balance": balance,
-        },
-    )
+async def _grant_paid(conn: AsyncConnection, purchases: Sequence[Any]) -> None:
+    """Credit paid purchases (locked rows) and queue their receipts, in the caller's transaction."""
+    references = [f"payment_intent:{p.payment_intent_id}" for p in purchases]
+    params = {
+        "ids": [p.id for p in purchases],
+        "user_ids": [p.user_id for p in purchases],
+        "credits": [p.credits for p in purchases],
+        "reasons": [f"purchase of package {p.package_id}" for p in purchases],
+        "refs": references,
+        "succeeded": PurchaseStatus.SUCCEEDED,
+    }
+    balances = {row.reference: row.balance_after for row in await conn.execute(_GRANT, params)}
+    receipts = [
+        notifications.Email(
+            notifications.EmailKind.CREDITS_PURCHASED,
+            p.user_id,
+            p.recipient,
+            {
+                "purchase_id": p.id,
+                "credits": p.credits,
+                "amount": p.amount,
+                "currency": p.currency,
+                "balance": balances[reference],
+            },
+        )
+        for p, reference in zip(purchases, references, strict=True)
+    ]
+    await notifications.enqueue_emails(conn, receipts)
+
+
+async def settle_paid_intents(conn: AsyncConnection, paid: Sequence[Paid]) -> list[Settlement]:
+    """payment_intent.succeeded about several intents: one statement locks their purchases, one grants.
+
+    Credits are granted exactly once per intent, only if amount and currency match (MISMATCH
+    otherwise, and nothing granted). A failed purchase can still succeed (the card was retried);
+    a refunded one is never granted again.
+    """
+    rows = (await conn.execute(_LOCK_PURCHASES, {"intents": [p.intent_id for p in paid]})).all()
+    purchases = {row.payment_intent_id: row for row in rows}
+    granted: dict[str, Any] = {}
+    settled: list[Settlement] = []
+    for p in paid:
+        purchase = purchases.get(p.intent_id)
+        if purchase is None:
+            settled.append(Settlement.NOT_OURS)
+        elif not _matches(purchase, p.amount, p.currency):
+            settled.append(Settlement.MISMATCH)
+        elif purchase.status in (PurchaseStatus.SUCCEEDED, PurchaseStatus.REFUNDED) or p.intent_id in granted:
+            settled.append(Settlement.UNCHANGED)
+        else:
+            granted[p.intent_id] = purchase
+            settled.append(Settlement.GRANTED)
+    if granted:
+        await _grant_paid(conn, list(granted.values()))
+    return settled
 
 
 async def settle_paid_intent(
     conn: AsyncConnection, *, intent_id: str, amount: int, currency: str
 ) -> Settlement:
-    """payment_intent.succeeded: credits granted exactly once per intent, only if amount and currency match.
-
-    A failed purchase can still succeed (the card was retried); a refunded one is never granted again.
-    """
-    purchase = (await conn.execute(_LOCK_PURCHASE, {"intent_id": intent_id})).first()
-    if purchase is None:
-        return Settlement.NOT_OURS
-    _check_paid(purchase, amount, currency)
-    if purchase.status in (PurchaseStatus.SUCCEEDED, PurchaseStatus.REFUNDED):
-        return Settlement.UNCHANGED
-    await _grant_paid(conn, purchase, intent_id)
-    return Settlement.GRANTED
+    """One payment_intent.succeeded (settle_paid_intents); a mismatch raises NeedsHuman."""
+    settled = (await settle_paid_intents(conn, [Paid(intent_id, amount, currency)]))[0]
+    if settled == Settlement.MISMATCH:  # say what the purchase expects (its row is locked already)
+        _check_paid((await conn.execute(_LOCK_PURCHASE, {"intent_id": intent_id})).one(), amount, currency)
+    return settled
 
 
 async def mark_payment_failed(conn: AsyncConnection, *, intent_id: str) -> Settlement:
@@ -310,7 +381,7 @@ async def reverse_refund(
         return Settlement.NOT_OURS, None
     _check_paid(purchase, amount, currency)
     if purchase.status not in (PurchaseStatus.SUCCEEDED, PurchaseStatus.REFUNDED):
-        await _grant_paid(conn, purchase, intent_id)
+        await _grant_paid(conn, [purchase])
     target = purchase.credits * min(refunded, amount) // amount
     to_take = target - purchase.credits_reversed
     if to_take <= 0:

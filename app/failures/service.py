@@ -132,9 +132,9 @@ _UPDATE = text(
 ).bindparams(bindparam("entry", type_=JSONB))
 
 
-async def claim_due_retries(services: Services, batch: int) -> list[Claimed]:
+async def claim_due_retries(conn: AsyncConnection, services: Services, batch: int) -> list[Claimed]:
     return await claim(
-        services.sessions,
+        conn,
         _CLAIM,
         Queue.RETRIES,
         batch=batch,

@@ -124,10 +124,12 @@ async def _sell_lead(services: Services, key: Key) -> Finish:
         assert purchase_id is not None
         await notifications.enqueue_email(
             conn,
-            kind=notifications.EmailKind.LEAD_PURCHASED,
-            user_id=key.user_id,
-            recipient=key.params["recipient"],
-            payload={"lead_id": lead_id, "purchase_id": purchase_id, "title": lead.title},
+            notifications.Email(
+                notifications.EmailKind.LEAD_PURCHASED,
+                key.user_id,
+                key.params["recipient"],
+                {"lead_id": lead_id, "purchase_id": purchase_id, "title": lead.title},
+            ),
         )
         out = LeadPurchaseOut(purchase_id, lead_id, lead.price_credits, balance)
         return await st.finish(201, out)

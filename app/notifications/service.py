@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import bindparam, text
-from sqlalchemy.dialects.postgresql import JSONB
+import msgspec
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.notifications.models import EmailStatus
@@ -20,36 +22,42 @@ class EmailKind(StrEnum):
 
 _ENQUEUE = text(
     "INSERT INTO outbox_emails (kind, user_id, recipient, payload, status, trace_context)"
-    " VALUES (:kind, :user_id, :recipient, :payload, :status, :trace_context) RETURNING id"
-).bindparams(bindparam("payload", type_=JSONB), bindparam("trace_context", type_=JSONB))
+    " SELECT e.kind, e.user_id, e.recipient, e.payload::jsonb, e.status, e.trace_context::jsonb"
+    " FROM unnest(CAST(:kinds AS text[]), CAST(:user_ids AS text[]), CAST(:recipients AS text[]),"
+    " CAST(:payloads AS text[]), CAST(:statuses AS text[]), CAST(:trace_contexts AS text[]))"
+    " WITH ORDINALITY AS e(kind, user_id, recipient, payload, status, trace_context, n) ORDER BY e.n"
+    " RETURNING id"
+)
 
 
-async def enqueue_email(
-    session: AsyncSession | AsyncConnection,
-    *,
-    kind: EmailKind,
-    user_id: str,
-    recipient: str | None,
-    payload: dict[str, Any],
-    trace_context: dict[str, str] | None = None,
-) -> int:
-    """Add an email to the outbox in the caller's transaction: it exists iff the change commits.
+@dataclass(frozen=True)
+class Email:
+    kind: EmailKind
+    user_id: str
+    recipient: str | None  # None: the caller's token carried no email
+    payload: dict[str, Any]
+    trace_context: dict[str, str] = field(default_factory=dict)
 
-    With no recipient (the caller's token carried no email) it is kept as `skipped`: what it
-    says stays readable through the API.
+
+async def enqueue_emails(session: AsyncSession | AsyncConnection, emails: Sequence[Email]) -> list[int]:
+    """Add emails to the outbox in the caller's transaction: they exist iff the change commits.
+
+    One with no recipient is kept as `skipped`: what it says stays readable through the API.
     """
-    email_id: int = await session.scalar(
-        _ENQUEUE,
-        {
-            "kind": kind,
-            "user_id": user_id,
-            "recipient": recipient,
-            "payload": payload,
-            "status": EmailStatus.PENDING if recipient else EmailStatus.SKIPPED,
-            "trace_context": trace_context or {},
-        },
-    )
-    return email_id
+    params = {
+        "kinds": [e.kind for e in emails],
+        "user_ids": [e.user_id for e in emails],
+        "recipients": [e.recipient for e in emails],
+        "payloads": [msgspec.json.encode(e.payload).decode() for e in emails],
+        "statuses": [EmailStatus.PENDING if e.recipient else EmailStatus.SKIPPED for e in emails],
+        "trace_contexts": [msgspec.json.encode(e.trace_context).decode() for e in emails],
+    }
+    return list((await session.execute(_ENQUEUE, params)).scalars())
+
+
+async def enqueue_email(session: AsyncSession | AsyncConnection, email: Email) -> int:
+    """One email into the outbox (enqueue_emails)."""
+    return (await enqueue_emails(session, [email]))[0]
 
 
 _BACKLOG = text(

@@ -49,9 +49,9 @@ async def hold_emails(services: Services, batch: int) -> int:
     return held
 
 
-async def claim_due_emails(services: Services, batch: int) -> list[Claimed]:
+async def claim_due_emails(conn: AsyncConnection, services: Services, batch: int) -> list[Claimed]:
     return await claim(
-        services.sessions,
+        conn,
         _CLAIM,
         Queue.OUTBOX,
         batch=batch,

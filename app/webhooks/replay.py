@@ -17,7 +17,7 @@ from app.problems import ServiceError
 from app.services import Services
 from app.webhooks.models import EventStatus
 from app.webhooks.schemas import ReplayedEvent, ReplayOut, ReplayRequest
-from app.webhooks.tasks import LOCK_EVENT, apply_event, mark_done, payload_of
+from app.webhooks.tasks import LOCK_EVENT, apply_event, mark_done
 
 CHANGES = (Settlement.GRANTED, Settlement.MARKED_FAILED, Settlement.REVERSED)
 
@@ -87,7 +87,7 @@ async def _replay_one(services: Services, row_id: int, event_id: str, *, dry_run
                 return "pruned"
             try:
                 async with conn.begin_nested():
-                    outcome = await apply_event(conn, services, event.type, payload_of(event.payload))
+                    outcome = await apply_event(conn, services, event.type, event.payload)
             except Exception as exc:
                 return f"error: {exc}"
             if dry_run:

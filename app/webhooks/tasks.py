@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -48,7 +50,7 @@ _CLAIM = claim_statement(
     "t.status = :pending AND NOT EXISTS (SELECT 1 FROM webhook_events o WHERE o.object_id = t.object_id"
     " AND o.status IN (:pending, :failed) AND (o.stripe_created, o.id) < (t.stripe_created, t.id))",
     "t.id",
-    "w.id, w.event_id, w.type, w.payload, w.received_at",
+    "w.id, w.event_id, w.type, w.payload::text AS payload, w.received_at",  # text: msgspec decodes it
 )
 _FENCE = fence_statement("webhook_events")
 LOCK_EVENT = text(
@@ -88,25 +90,63 @@ class _Event(msgspec.Struct):
     data: _Data
 
 
-def payload_of(raw: Any) -> dict[str, Any]:
-    return raw if isinstance(raw, dict) else msgspec.json.decode(raw)
+def _object(payload: Any) -> _Object:
+    """The event's object, from the stored JSON text or a decoded payload."""
+    if isinstance(payload, dict):
+        return msgspec.convert(payload, _Event).data.object
+    return msgspec.json.decode(payload, type=_Event).data.object
 
 
-async def apply_event(
-    conn: AsyncConnection, services: Services, event_type: str, payload: dict[str, Any]
-) -> str:
+def _paid(obj: _Object) -> credits.Paid:
+    assert obj.id is not None
+    paid = obj.amount_received if obj.amount_received is not None else obj.amount
+    return credits.Paid(obj.id, paid, obj.currency)
+
+
+def _unrecorded(settled: str, obj: _Object) -> bool:
+    """Made for one of our purchases, whose phase has not stored the intent id yet: money was taken,
+    so never ignored; retried, and dead (a human looks) if the id never appears."""
+    return settled == credits.Settlement.NOT_OURS and credits.PURCHASE_METADATA in obj.metadata
+
+
+async def apply_events(
+    conn: AsyncConnection, services: Services, events: Sequence[tuple[str, Any]]
+) -> list[str | None]:
+    """The effects of several (type, payload) events about distinct objects, in the caller's
+    transaction: the payments that succeeded settle together (credits.settle_paid_intents), the
+    rest one by one. None for an event that needs an attempt of its own (apply_event raises for it).
+    """
+    outcomes: list[str | None] = []
+    paid: list[tuple[int, _Object]] = []
+    for event_type, payload in events:
+        if event_type == "payment_intent.succeeded":
+            obj = _object(payload)
+            if obj.id is not None:
+                paid.append((len(outcomes), obj))
+            outcomes.append(None if obj.id is not None else WorkOutcome.IGNORED)
+        else:
+            outcomes.append(await apply_event(conn, services, event_type, payload))
+    if paid:
+        settled = await credits.settle_paid_intents(conn, [_paid(obj) for _, obj in paid])
+        for (i, obj), outcome in zip(paid, settled, strict=True):
+            redo = outcome == credits.Settlement.MISMATCH or _unrecorded(outcome, obj)
+            outcomes[i] = None if redo else outcome
+    return outcomes
+
+
+async def apply_event(conn: AsyncConnection, services: Services, event_type: str, payload: Any) -> str:
     """The effect of one event, in the caller's transaction: a Settlement, or ignored."""
     if event_type not in HANDLED_TYPES:
         return WorkOutcome.IGNORED
-    obj = msgspec.convert(payload, _Event).data.object
+    obj = _object(payload)
     if event_type == "payment_intent.succeeded":
         if obj.id is None:
             return WorkOutcome.IGNORED
-        paid = obj.amount_received if obj.amount_received is not None else obj.amount
-        settled = await credits.settle_paid_intent(conn, intent_id=obj.id, amount=paid, currency=obj.currency)
-        if settled == credits.Settlement.NOT_OURS and credits.PURCHASE_METADATA in obj.metadata:
-            # made for one of our purchases, whose phase has not stored the intent id yet: money was
-            # taken, so never ignored; retried, and dead (a human looks) if the id never appears
+        paid = _paid(obj)
+        settled = await credits.settle_paid_intent(
+            conn, intent_id=paid.intent_id, amount=paid.amount, currency=paid.currency
+        )
+        if _unrecorded(settled, obj):
             raise RetryLater(
                 f"intent {obj.id} of purchase {obj.metadata[credits.PURCHASE_METADATA]} is not recorded yet"
             )
@@ -159,10 +199,10 @@ async def mark_done(conn: AsyncConnection, done: list[tuple[int, str]]) -> None:
     await conn.execute(_DONE, params)
 
 
-async def claim_due_events(services: Services, batch: int) -> list[Claimed]:
+async def claim_due_events(conn: AsyncConnection, services: Services, batch: int) -> list[Claimed]:
     """Due events, at most one per object: the oldest unfinished one of each."""
     return await claim(
-        services.sessions,
+        conn,
         _CLAIM,
         Queue.WEBHOOK_EVENTS,
         batch=batch,
@@ -173,26 +213,24 @@ async def claim_due_events(services: Services, batch: int) -> list[Claimed]:
 
 
 async def handle_events(services: Services, items: list[Claimed]) -> list[str]:
-    """Several claimed events in one transaction: one fence, each effect, one status update, one commit.
+    """Claimed events in one transaction: one fence, their effects set by set, one status update.
 
-    Optimistic: if any effect fails (a mismatch, a lock timeout, a deadlock with another batch),
-    the transaction rolls back and each event gets an attempt of its own (`handle_event`), which
-    records its failure without touching the others.
+    An event whose effect needs an attempt of its own (a mismatch to record, an intent not recorded
+    yet) gets it after the commit. If anything else fails (a lock timeout, a deadlock with another
+    batch), the transaction rolls back and each event gets an attempt of its own (`handle_event`),
+    which records its failure without touching the others.
     """
     if len(items) == 1:
         return [await handle_event(services, items[0])]
-    done: list[tuple[Claimed, str]] = []
     try:
-        async with services.sessions() as session, session.begin():
-            conn = await session.connection()
+        async with services.engine.begin() as conn:
             fence = {"ids": [i.id for i in items], "tokens": [i.token for i in items]}
             owned = set((await conn.execute(_FENCE_BATCH, fence)).scalars())
-            for item in items:
-                if item.id in owned:
-                    outcome = await apply_event(conn, services, item.row.type, payload_of(item.row.payload))
-                    done.append((item, outcome))
-            if done:
-                await mark_done(conn, [(item.id, outcome) for item, outcome in done])
+            mine = [item for item in items if item.id in owned]
+            applied = await apply_events(conn, services, [(i.row.type, i.row.payload) for i in mine])
+            outcomes = dict(zip([item.id for item in mine], applied, strict=True))
+            if done := [(event_id, outcome) for event_id, outcome in outcomes.items() if outcome]:
+                await mark_done(conn, done)
     except Exception as exc:
         if database_unreachable(exc):
             raise
@@ -200,8 +238,23 @@ async def handle_events(services: Services, items: list[Claimed]) -> list[str]:
             "batch rolled back; one event at a time", extra={"events": len(items), "error": repr(exc)[:300]}
         )
         return [await handle_event(services, item) for item in items]
-    outcomes = {item.id: _handled(outcome) for item, outcome in done}
-    return [_counted(item, outcomes.get(item.id, FENCED)) for item in items]
+    counts: Counter[tuple[str, str]] = Counter()
+    results = []
+    for item in items:
+        if item.id not in outcomes:  # not owned: this worker lost the lease
+            outcome = FENCED
+        elif (applied_outcome := outcomes[item.id]) is None:
+            results.append(await handle_event(services, item))
+            continue
+        else:
+            outcome = _handled(applied_outcome)
+        counts[metric_type(item.row.type), outcome] += 1
+        if outcome != FENCED:
+            _observe_lag(item)
+        results.append(outcome)
+    for (event_type, outcome), n in counts.items():
+        WORK_DONE.labels(Queue.WEBHOOK_EVENTS, event_type, outcome).inc(n)
+    return results
 
 
 def _handled(outcome: str) -> str:
@@ -209,10 +262,14 @@ def _handled(outcome: str) -> str:
     return WorkOutcome.IGNORED if _status(outcome) == EventStatus.IGNORED else WorkOutcome.DONE
 
 
+def _observe_lag(item: Claimed) -> None:
+    WEBHOOK_LAG.observe(max(0.0, time.time() - item.row.received_at.timestamp()))
+
+
 def _counted(item: Claimed, outcome: str) -> str:
     """Count one attempt's outcome, and the lag of an event it finished."""
     if outcome in (WorkOutcome.DONE, WorkOutcome.IGNORED):
-        WEBHOOK_LAG.observe(max(0.0, time.time() - item.row.received_at.timestamp()))
+        _observe_lag(item)
     WORK_DONE.labels(Queue.WEBHOOK_EVENTS, metric_type(item.row.type), outcome).inc()
     return outcome
 
@@ -220,11 +277,10 @@ def _counted(item: Claimed, outcome: str) -> str:
 async def handle_event(services: Services, item: Claimed) -> str:
     """First attempt at a claimed event: its effect and its new status commit together, under the fence."""
     row = item.row
-    payload = payload_of(row.payload)
 
     async def perform() -> Commit:
         async def commit(conn: AsyncConnection) -> str:
-            return await apply_event(conn, services, row.type, payload)
+            return await apply_event(conn, services, row.type, row.payload)
 
         return commit
 
@@ -261,7 +317,7 @@ class EventHandling:
             event = (await conn.execute(LOCK_EVENT, {"id": item_id})).first()
             if event is None:
                 return WorkOutcome.IGNORED  # pruned: nothing left to do
-            outcome = await apply_event(conn, services, event.type, payload_of(event.payload))
+            outcome = await apply_event(conn, services, event.type, event.payload)
             await mark_done(conn, [(event.id, outcome)])
             return outcome
 

@@ -3,8 +3,8 @@
 One loop per queue (webhook events, outbox emails, and failed operations when the retry
 driver is local). Every claim is a lease (app/worker/leases.py), so any number of
 workers, in `payguard worker` processes or inside `payguard serve`, share the work.
-On stop, a loop claims nothing more, finishes the items it has started and gives
-back the leases of those it has not.
+A loop claims only what it starts at once; on stop, it claims nothing more and
+finishes the items it holds.
 """
 
 from __future__ import annotations
@@ -12,24 +12,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.failures import service as failures
 from app.notifications import tasks as emails
-from app.observability.metrics import Queue
+from app.observability.metrics import Queue, WorkOutcome
 from app.services import Services
 from app.webhooks import tasks as events
-from app.worker.leases import WORK_CHANNEL, Claimed, release_statement
+from app.worker.leases import WORK_CHANNEL, Claimed, claim_connection
 
 log = logging.getLogger("payguard.worker")
 
-# items per transaction: a chunk that fails is redone one by one, and a stop gives back the rest
-MAX_CHUNK = 10
-Claim = Callable[[Services, int], Awaitable[list[Claimed]]]
+# events per transaction: a batch's effects are applied set by set (app/webhooks/tasks.py)
+EVENTS_PER_TRANSACTION = 100
+Claim = Callable[[AsyncConnection, Services, int], Awaitable[list[Claimed]]]
 Handle = Callable[[Services, list[Claimed]], Awaitable[object]]
 
 
@@ -49,7 +48,7 @@ class Worker:
         self._wake = {queue: asyncio.Event() for queue in Queue}
 
     def stop(self) -> None:
-        """Claim nothing more; `run` returns once the items in hand are finished or given back."""
+        """Claim nothing more; `run` returns once the items in hand are finished."""
         self._stopping.set()
         for wake in self._wake.values():
             wake.set()
@@ -60,25 +59,15 @@ class Worker:
     async def run(self) -> None:
         settings = self.services.settings
         loops = [
-            # events in chunks, each chunk one transaction (it falls back to one event at a time)
+            # events a batch per transaction (one that fails falls back to one event at a time)
             self._drain(
-                Queue.WEBHOOK_EVENTS,
-                "webhook_events",
-                events.claim_due_events,
-                events.handle_events,
-                chunked=True,
+                Queue.WEBHOOK_EVENTS, events.claim_due_events, events.handle_events, EVENTS_PER_TRANSACTION
             ),
             self._emails(),
         ]
         if settings.retry_driver == "local":  # otherwise the operator drives the retries
-            loops.append(
-                self._drain(
-                    Queue.RETRIES,
-                    "failed_operations",
-                    failures.claim_due_retries,
-                    one_at_a_time(failures.run_retry),
-                )
-            )
+            retry = one_at_a_time(failures.run_retry)
+            loops.append(self._drain(Queue.RETRIES, failures.claim_due_retries, retry))
         listener = asyncio.create_task(self._listen())
         try:
             await asyncio.gather(*loops)
@@ -97,69 +86,60 @@ class Worker:
                     log.exception("holding emails failed")
                 await self._sleep(Queue.OUTBOX)
             return
-        # a batch no larger than what is sent at once: every lease is acted on long before it expires
-        batch = min(settings.worker_batch_size, settings.worker_concurrency)
-        await self._drain(
-            Queue.OUTBOX, "outbox_emails", emails.claim_due_emails, one_at_a_time(emails.send_email), batch
-        )
+        await self._drain(Queue.OUTBOX, emails.claim_due_emails, one_at_a_time(emails.send_email))
 
-    async def _drain(
-        self, queue: Queue, table: str, claim: Claim, handle: Handle, batch: int = 0, chunked: bool = False
-    ) -> None:
+    async def _drain(self, queue: Queue, claim: Claim, handle: Handle, per_task: int = 1) -> None:
+        """One claimer per queue: it claims only what its free slots start at once (`per_task` items
+        each, up to the batch size), so nothing it holds waits unstarted while its lease runs out.
+        Up to `worker_concurrency` tasks run at once; on stop, those running finish."""
         settings = self.services.settings
-        batch = batch or settings.worker_batch_size
-        slots = asyncio.Semaphore(settings.worker_concurrency)
-        release = release_statement(table)
-        while not self._stopping.is_set():
-            try:
-                items = await claim(self.services, batch)
-            except Exception as exc:
-                log.warning("claim failed", extra={"queue": queue, "error": f"{type(exc).__name__}: {exc}"})
-                await self._sleep(queue)
-                continue
-            if not items:
-                await self._sleep(queue)
-                continue
-            # an item not started while its lease is young is left to the next claim, not run late
-            deadline = time.monotonic() + settings.worker_lease_s / 2
-            unstarted: list[Claimed] = []
-            # `concurrency` chunks at once; one item per chunk unless the queue handles chunks together
-            size = min(MAX_CHUNK, -(-len(items) // settings.worker_concurrency)) if chunked else 1
-            chunks = [items[i : i + size] for i in range(0, len(items), size)]
-            await asyncio.gather(
-                *(self._attempt(queue, handle, chunk, slots, deadline, unstarted) for chunk in chunks)
-            )
-            if queue == Queue.WEBHOOK_EVENTS:
-                self.wake(Queue.OUTBOX)  # handled payments may have queued receipts
-            if unstarted:
-                await self._release(release, unstarted)
+        free = settings.worker_concurrency
+        freed = asyncio.Event()
+        running: set[asyncio.Task[None]] = set()
 
-    async def _attempt(
-        self,
-        queue: Queue,
-        handle: Handle,
-        chunk: list[Claimed],
-        slots: asyncio.Semaphore,
-        deadline: float,
-        unstarted: list[Claimed],
-    ) -> None:
-        async with slots:
-            if self._stopping.is_set() or time.monotonic() > deadline:
-                unstarted.extend(chunk)
-                return
+        async def attempt(items: list[Claimed]) -> None:
+            nonlocal free
+            outcomes: object = None
             try:
-                await handle(self.services, chunk)
+                outcomes = await handle(self.services, items)
             except Exception as exc:  # their leases expire and another claim retries them
-                log.warning("attempt failed: %r", exc, extra={"queue": queue, "ids": [i.id for i in chunk]})
+                log.warning("attempt failed: %r", exc, extra={"queue": queue, "ids": [i.id for i in items]})
+            finally:
+                free += 1
+                freed.set()
+            if queue == Queue.WEBHOOK_EVENTS:
+                self.wake(Queue.WEBHOOK_EVENTS)  # the next events about the same objects are due
+                if isinstance(outcomes, list) and WorkOutcome.DONE in outcomes:
+                    self.wake(Queue.OUTBOX)  # granted payments queued receipts
 
-    async def _release(self, statement: Any, items: list[Claimed]) -> None:
+        conn: AsyncConnection | None = None  # the claims' own connection, opened again if it fails
         try:
-            async with self.engine.begin() as conn:
-                await conn.execute(
-                    statement, {"ids": [i.id for i in items], "tokens": [i.token for i in items]}
-                )
-        except Exception as exc:  # the leases expire instead
-            log.warning("release failed", extra={"error": repr(exc)})
+            while not self._stopping.is_set():
+                if free == 0:
+                    await freed.wait()
+                    freed.clear()
+                    continue
+                wanted = min(settings.worker_batch_size, free * per_task)
+                try:
+                    conn = conn or await claim_connection(self.engine)
+                    items = await claim(conn, self.services, wanted)
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                    log.warning("claim failed", extra={"queue": queue, "error": error})
+                    await _closed(conn)
+                    conn = None
+                    await self._sleep(queue)
+                    continue
+                for i in range(0, len(items), per_task):
+                    free -= 1
+                    task = asyncio.create_task(attempt(items[i : i + per_task]))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if len(items) < wanted:  # nothing more is due: until a NOTIFY, a finished task or the poll
+                    await self._sleep(queue)
+            await asyncio.gather(*running)
+        finally:
+            await _closed(conn)
 
     async def _sleep(self, queue: Queue) -> None:
         wake = self._wake[queue]
@@ -198,3 +178,10 @@ class Worker:
             except Exception as exc:
                 log.warning("LISTEN connection lost; polling", extra={"error": repr(exc)})
                 await asyncio.sleep(self.services.settings.worker_poll_interval_s)
+
+
+async def _closed(conn: AsyncConnection | None) -> None:
+    """Close a claim connection, broken or not."""
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            await conn.close()

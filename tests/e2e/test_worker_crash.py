@@ -2,7 +2,7 @@
 
 The worker's claims are leases with a fencing token (app/worker/leases.py): a SIGKILLed worker's
 claims are taken over once the lease expires, a frozen worker's late commit is refused, and
-SIGTERM gives back what was claimed but not started. Each test asserts on the ledger and the
+SIGTERM finishes what the worker holds and claims nothing more. Each test asserts on the ledger and the
 purchases, the outcomes a user sees, with real processes on one database.
 """
 
@@ -84,41 +84,63 @@ async def test_worker_killed_mid_batch_is_taken_over_and_each_effect_applied_onc
             second.close()
 
 
+PATIENT = {  # nothing in the worker gives up while the test holds a lock it waits for
+    "PAYGUARD_DB_LOCK_TIMEOUT_MS": "120000",
+    "PAYGUARD_DB_STATEMENT_TIMEOUT_MS": "120000",
+}
+BLOCKED = (
+    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'payguard'"
+    " AND wait_event_type = 'Lock' AND query LIKE '%FROM credit_purchases%FOR UPDATE%'"
+)
+
+
 @pytest.mark.timeout(90)
-async def test_sigterm_finishes_what_it_started_and_gives_back_the_rest(
+async def test_sigterm_finishes_what_it_holds_and_claims_nothing_more(
     db_url: str, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
     intents = intent_ids(600)
     await seed_purchases(db, intents)
     await store_paid_events(db, intents)
-    # a lease far longer than the test: an event not given back would stay out of reach
-    long_lease = {"PAYGUARD_WORKER_LEASE_S": "600", "PAYGUARD_WORKER_POLL_INTERVAL_S": "0.1"}
-    first = WorkerProcess(db_url, tmp_path / "first.log", {**long_lease, "PAYGUARD_WORKER_BATCH_SIZE": "600"})
+    # one batch of 10 at a time; the test holds the 300th purchase, so the worker stops in its batch
+    locker = await connect(db_url)
+    locked = locker.transaction()
+    await locked.start()
+    await locker.execute(
+        "SELECT 1 FROM credit_purchases WHERE payment_intent_id = $1 FOR UPDATE", intents[299]
+    )
+    # a lease far longer than the test: an event left leased would stay out of reach
+    env = {
+        "PAYGUARD_WORKER_LEASE_S": "600",
+        "PAYGUARD_WORKER_POLL_INTERVAL_S": "0.1",
+        "PAYGUARD_WORKER_BATCH_SIZE": "10",
+        "PAYGUARD_WORKER_CONCURRENCY": "1",
+        **PATIENT,
+    }
+    first = WorkerProcess(db_url, tmp_path / "first.log", env)
     second: WorkerProcess | None = None
     try:
-        await until(lambda: _between(db, 0, len(intents)), 60, "the worker handled part of its batch")
+        await until(lambda: _fetch_is(db, BLOCKED, 1), 60, "the worker's batch waits for the held purchase")
+        assert await count_handled(db) == 290
         first.signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)  # it has stopped claiming; its batch still waits
+        assert first.proc.poll() is None, "the worker exited before finishing its batch"
+        await locked.rollback()
         assert await first.wait(30) == 0, first.stderr()
+
         rows = await db.fetch("SELECT status, lease_token FROM webhook_events")
         assert [r for r in rows if r["lease_token"] is not None] == []  # nothing left claimed
-        statuses = Counter(r["status"] for r in rows)
-        assert set(statuses) == {EventStatus.HANDLED, EventStatus.PENDING}, statuses  # stopped mid-batch
-        done = [
-            r["payment_intent_id"]
-            for r in await db.fetch(
-                "SELECT payment_intent_id FROM credit_purchases WHERE status = 'succeeded'"
-            )
-        ]
-        assert len(done) == statuses[EventStatus.HANDLED]
-        await assert_granted_once(db, done)  # what it started, it finished; nothing else moved
+        assert Counter(r["status"] for r in rows) == {EventStatus.HANDLED: 300, EventStatus.PENDING: 300}
+        await assert_granted_once(db, intents[:300])  # the batch it held, it finished; nothing else moved
+        succeeded = await db.fetchval("SELECT count(*) FROM credit_purchases WHERE status = 'succeeded'")
+        assert succeeded == 300
 
-        # given back, not left to expire: another worker takes them at once
-        second = WorkerProcess(db_url, tmp_path / "second.log", long_lease)
+        second = WorkerProcess(db_url, tmp_path / "second.log", env)
         await until(lambda: _all_handled(db, len(intents)), 60, "the second worker handled the rest")
         await assert_granted_once(db, intents)
         second.signal(signal.SIGTERM)
         assert await second.wait(30) == 0, second.stderr()
     finally:
+        await locker.close()
         first.close()
         if second is not None:
             second.close()
@@ -213,44 +235,35 @@ async def test_worker_frozen_past_its_lease_has_its_late_commits_refused(
     intents = intent_ids(6)
     await seed_purchases(db, intents)
     await store_paid_events(db, intents)
-    # The freeze must land between A's claim and its fences. The test holds every purchase's row lock,
-    # so the attempt that gets A's one free connection (the other is LISTEN's) blocks inside its fenced
-    # transaction, and A's other attempts, started, wait for that connection: not fenced yet.
+    # A claims the six events in one batch; its transaction fences them, then waits for the purchases,
+    # which the test holds. Frozen there, A's transaction is cancelled, as PostgreSQL's idle-in-transaction
+    # timeout would end it, so its locks go and its leases run out while A cannot move.
     locker = await connect(db_url)
     locked = locker.transaction()
     await locked.start()
     await locker.execute("SELECT id FROM credit_purchases FOR UPDATE")
-    patient = {  # nothing in A gives up while it is frozen: its clock runs on, the test's waits are long
-        "PAYGUARD_DB_POOL_SIZE": "2",
-        "PAYGUARD_DB_MAX_OVERFLOW": "0",
-        "PAYGUARD_DB_POOL_TIMEOUT_S": "120",
-        "PAYGUARD_DB_LOCK_TIMEOUT_MS": "120000",
-        "PAYGUARD_DB_STATEMENT_TIMEOUT_MS": "120000",
-    }
-    a = WorkerProcess(db_url, tmp_path / "a.log", {**FAST, **patient}, metrics_port=free_port())
+    a = WorkerProcess(db_url, tmp_path / "a.log", {**FAST, **PATIENT}, metrics_port=free_port())
     b: WorkerProcess | None = None
     try:
-        held_by_a = await _freeze_with_attempts_blocked(a, db)
-        assert await db.fetchval("SELECT count(*) FROM webhook_events WHERE lease_token IS NULL") == 0
-        # A's backends, frozen client or not, carry on: those blocked take the locks; A holds them
+        await until(lambda: _fetch_is(db, BLOCKED, 1), 60, "A's batch waits for the purchases")
+        blocked = await db.fetchval(BLOCKED)
+        a.signal(signal.SIGSTOP)
+        await until(lambda: _stopped(a.pid), 10, "A is frozen")
+        assert await db.fetchval("SELECT pg_cancel_backend($1)", blocked)
         await locked.rollback()
 
         b = WorkerProcess(db_url, tmp_path / "b.log", FAST, metrics_port=free_port())
-        await until(
-            lambda: _all_handled(db, len(intents) - held_by_a), 60, "B handled every event A does not hold"
-        )
-        assert await b.metric(WORK_ITEMS, outcome="done", **EVENTS) == len(intents) - held_by_a
-        assert await b.metric(TAKEOVERS, **EVENTS) == len(intents) - held_by_a
+        await until(lambda: _all_handled(db, len(intents)), 60, "B handled A's events")
+        assert await b.metric(WORK_ITEMS, outcome="done", **EVENTS) == len(intents)
+        assert await b.metric(TAKEOVERS, **EVENTS) == len(intents)
 
-        a.signal(signal.SIGCONT)
-        await until(lambda: _all_handled(db, len(intents)), 30, "A committed the events it holds")
-        refused = len(intents) - held_by_a
+        a.signal(signal.SIGCONT)  # A hears its batch failed and tries each event alone: every fence refuses
         await until(
-            lambda: _metric_is(a, refused, WORK_ITEMS, outcome="fenced", **EVENTS),
+            lambda: _metric_is(a, len(intents), WORK_ITEMS, outcome="fenced", **EVENTS),
             30,
-            f"A counted {refused} refused commits",
+            f"A counted {len(intents)} refused commits",
         )
-        assert await a.metric(WORK_ITEMS, outcome="done", **EVENTS) == held_by_a
+        assert await a.metric(WORK_ITEMS, outcome="done", **EVENTS) == 0
         await assert_granted_once(db, intents)
     finally:
         await locker.close()
@@ -259,41 +272,8 @@ async def test_worker_frozen_past_its_lease_has_its_late_commits_refused(
             b.close()
 
 
-async def _freeze_with_attempts_blocked(worker: WorkerProcess, db: asyncpg.Connection) -> int:
-    """SIGSTOP `worker` once its fenced transactions all wait for a purchase's lock; how many do."""
-    for _ in range(50):
-        await until(lambda: _settled(db), 60, "the worker's attempts wait for the purchases' locks")
-        worker.signal(signal.SIGSTOP)
-        await until(lambda: _stopped(worker.pid), 10, "the worker is frozen")
-        if await _settled(db):  # still: no attempt of its is between its fence and that lock
-            return await _blocked_on_purchases(db)
-        worker.signal(signal.SIGCONT)
-        await asyncio.sleep(0.05)
-    raise AssertionError("the worker never froze with its attempts blocked")
-
-
-async def _settled(db: asyncpg.Connection) -> bool:
-    blocked = await _blocked_on_purchases(db)
-    return 0 < blocked == await _in_transaction(db)
-
-
-async def _blocked_on_purchases(db: asyncpg.Connection) -> int:
-    return int(
-        await db.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND application_name = 'payguard' AND wait_event_type = 'Lock'"
-            " AND query LIKE '%FROM credit_purchases%FOR UPDATE%'"
-        )
-    )
-
-
-async def _in_transaction(db: asyncpg.Connection) -> int:
-    return int(
-        await db.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND application_name = 'payguard' AND xact_start IS NOT NULL"
-        )
-    )
+async def _fetch_is(db: asyncpg.Connection, query: str, rows: int) -> bool:
+    return len(await db.fetch(query)) == rows
 
 
 async def _stopped(pid: int) -> bool:
