@@ -1100,6 +1100,7 @@ def _parser() -> argparse.ArgumentParser:
         "--skip-ours-ladder", action="store_true", help="ours end to end at the one rate only, no ladder"
     )
     p.add_argument("--skip-ours-e2e", action="store_true", help="ours: the drains only, no end to end")
+    p.add_argument("--skip-ours-drains", action="store_true", help="ours: end to end only, no drains")
     p.add_argument(
         "--our-workers",
         type=lambda v: tuple(int(n) for n in v.split(",")),
@@ -1152,7 +1153,7 @@ def main(argv: list[str] | None = None) -> int:
         r = bench.results
         if not args.skip_ours:
             ours = Ours(bench)
-            for workers in args.our_workers:
+            for workers in () if args.skip_ours_drains else args.our_workers:
                 for handler, batch in OUR_DRAINS:
                     ours.drain(workers, handler, batch)
             peer_rate = r["pgqueuer_e2e"]["rate"] if "pgqueuer_e2e" in r else None

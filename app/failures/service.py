@@ -120,7 +120,7 @@ _COLUMNS = (
 )
 _CLAIM = claim_statement(
     "failed_operations",
-    "t.status IN (:pending, :retrying) AND t.next_attempt_at <= now()",
+    f"t.status IN ('{FailureStatus.PENDING}', '{FailureStatus.RETRYING}') AND t.next_attempt_at <= now()",
     "t.next_attempt_at",
     _COLUMNS,
 )
@@ -139,8 +139,6 @@ async def claim_due_retries(conn: AsyncConnection, services: Services, batch: in
         Queue.RETRIES,
         batch=batch,
         lease_s=services.settings.worker_lease_s,
-        pending=FailureStatus.PENDING,
-        retrying=FailureStatus.RETRYING,
     )
 
 

@@ -22,7 +22,10 @@ from app.services import Services
 from app.worker.leases import Claimed, Commit, claim, claim_statement, fence_statement, fenced_attempt
 
 _COLUMNS = "w.id, w.public_id, w.kind, w.recipient, w.payload"
-_CLAIM = claim_statement("outbox_emails", "t.status IN (:pending, :held)", "t.id", _COLUMNS)
+# statuses inlined, not bound: a cached generic plan can then use the partial indexes (leases.py)
+_CLAIM = claim_statement(
+    "outbox_emails", f"t.status IN ('{EmailStatus.PENDING}', '{EmailStatus.HELD}')", "t.id", _COLUMNS
+)
 _FENCE = fence_statement("outbox_emails")
 _HOLD = text(
     "UPDATE outbox_emails SET status = :held WHERE id IN (SELECT id FROM outbox_emails"
@@ -56,8 +59,6 @@ async def claim_due_emails(conn: AsyncConnection, services: Services, batch: int
         Queue.OUTBOX,
         batch=batch,
         lease_s=services.settings.worker_lease_s,
-        pending=EmailStatus.PENDING,
-        held=EmailStatus.HELD,
     )
 
 

@@ -45,10 +45,12 @@ from app.worker.leases import (
 
 log = logging.getLogger("payguard.webhooks")
 
+# statuses inlined, not bound: a cached generic plan can then use the partial indexes (leases.py)
 _CLAIM = claim_statement(
     "webhook_events",
-    "t.status = :pending AND NOT EXISTS (SELECT 1 FROM webhook_events o WHERE o.object_id = t.object_id"
-    " AND o.status IN (:pending, :failed) AND (o.stripe_created, o.id) < (t.stripe_created, t.id))",
+    f"t.status = '{EventStatus.PENDING}' AND NOT EXISTS (SELECT 1 FROM webhook_events o"  # noqa: S608 (enums)
+    f" WHERE o.object_id = t.object_id AND o.status IN ('{EventStatus.PENDING}', '{EventStatus.FAILED}')"
+    " AND (o.stripe_created, o.id) < (t.stripe_created, t.id))",
     "t.id",
     "w.id, w.event_id, w.type, w.payload::text AS payload, w.received_at",  # text: msgspec decodes it
 )
@@ -207,8 +209,6 @@ async def claim_due_events(conn: AsyncConnection, services: Services, batch: int
         Queue.WEBHOOK_EVENTS,
         batch=batch,
         lease_s=services.settings.worker_lease_s,
-        pending=EventStatus.PENDING,
-        failed=EventStatus.FAILED,
     )
 
 

@@ -27,7 +27,11 @@ WORK_CHANNEL = "payguard_work"  # the worker LISTENs here; one NOTIFY per commit
 def claim_statement(table: str, due: str, order_by: str, returning: str) -> TextClause:
     """Lease up to :batch due rows of `table` for :lease_s seconds; RETURNING `returning`, taken_over, token.
 
-    `due` and `order_by` are SQL over the alias `t`; they must not depend on the lease columns.
+    `due` and `order_by` are SQL over the alias `t`; they must not depend on the lease columns. Write
+    statuses in `due` as literals, not parameters: the driver prepares the claim once per connection,
+    and PostgreSQL's cached generic plan can only use a partial index (`WHERE status = 'pending'`)
+    whose predicate it can prove from the statement's text; with a parameter it walks the table's
+    primary key through every finished row, on every claim.
     """
     return text(
         f"WITH due AS (SELECT t.id, t.lease_token IS NOT NULL AS taken_over FROM {table} t"

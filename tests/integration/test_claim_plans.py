@@ -1,0 +1,62 @@
+"""Every queue's claim walks its due rows' partial index in order and stops at the batch.
+
+A claim is prepared once per connection and run thousands of times; PostgreSQL soon runs it
+with a cached generic plan, and a queue table's statistics are always stale. A claim planned
+as a sort of the whole backlog, or as a walk of the primary key through every finished row,
+costs O(backlog) per claim: it drained 100 events a second with 9,000 waiting
+(docs/performance.md). These tests plan each claim as the worker's claim connection does,
+generic plan forced, on a table whose statistics say the opposite of what is due.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import asyncpg
+import pytest
+from sqlalchemy import TextClause
+
+from app.config import Settings
+from app.db.engine import create_engine
+from app.failures import service as failures
+from app.notifications import tasks as emails
+from app.webhooks import tasks as events
+from app.worker.leases import claim_connection
+from tests.fixtures.worker_process import intent_ids, store_paid_events
+
+CLAIMS = [
+    pytest.param(events._CLAIM, "ix_webhook_events_pending", id="webhook_events"),
+    pytest.param(emails._CLAIM, "ix_outbox_emails_unsent", id="outbox_emails"),
+    pytest.param(failures._CLAIM, "ix_failed_operations_due", id="failed_operations"),
+]
+
+
+@pytest.mark.parametrize(("statement", "index"), CLAIMS)
+async def test_a_claim_walks_its_partial_index_whatever_the_statistics(
+    statement: TextClause,
+    index: str,
+    db: asyncpg.Connection,
+    db_url: str,
+    settings_for: Callable[..., Settings],
+) -> None:
+    # statistics taken while most events were finished: the planner believes almost nothing is due
+    intents = intent_ids(2000)
+    await store_paid_events(db, intents)
+    await db.execute("UPDATE webhook_events SET status = 'handled' WHERE id % 50 <> 0")
+    await db.execute("ANALYZE webhook_events, outbox_emails, failed_operations")
+
+    engine = create_engine(settings_for(), db_url)
+    try:
+        conn = await claim_connection(engine)
+        try:
+            sql = statement.text.replace(":batch", "$1").replace(":lease_s", "$2")
+            await conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+            await conn.exec_driver_sql(f"PREPARE claim(int, float8) AS {sql}")
+            plan = "\n".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN EXECUTE claim(100, 60)"))
+        finally:
+            await conn.close()
+    finally:
+        await engine.dispose()
+    assert f"Index Scan using {index}" in plan, plan
+    for bad in ("Seq Scan", "Sort", "Bitmap"):
+        assert bad not in plan, plan
