@@ -80,7 +80,9 @@ def parse_event(body: bytes, *, received_at: float) -> NewEvent:
         event = msgspec.json.decode(body, type=_Event)
     except (msgspec.DecodeError, ValueError, RecursionError) as exc:
         raise InvalidEvent(f"the body is not a Stripe event: {str(exc).split(' - at', 1)[0]}") from None
-    if _ESCAPED_NUL.search(body):  # jsonb cannot hold NUL; JSON can only carry it as this escape
+    # jsonb cannot hold NUL; JSON can only carry it as this escape (the regex only when it may be there:
+    # on every delivery it cost a sixth of the endpoint's CPU)
+    if b"\\u0000" in body and _ESCAPED_NUL.search(body):
         raise InvalidEvent("the body is not a Stripe event: strings must not contain NUL characters")
     obj = event.data.object
     about = obj.payment_intent if event.type.startswith("charge.") else obj.id
