@@ -129,6 +129,8 @@ def _frozen(app: Any) -> Any:
 def worker(settings: Settings, args: argparse.Namespace) -> None:
     import asyncio
 
+    import uvloop
+
     from app.db.engine import create_engine
     from app.db.migrate import upgrade
     from app.main import build_services
@@ -158,7 +160,9 @@ def worker(settings: Settings, args: argparse.Namespace) -> None:
 
     with database(settings) as url:
         upgrade(url)
-        asyncio.run(run(url))
+        # the loop serve runs on too: its socket I/O is most of the worker's CPU (docs/performance.md)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:
+            loop_runner.run(run(url))
 
 
 def send_test_event(settings: Settings, args: argparse.Namespace) -> None:

@@ -51,25 +51,18 @@ def fence_statement(table: str) -> TextClause:
 
 # A queue table's statistics are always stale: a burst arrives after a quiet time, when the planner
 # thinks few rows are due, and a claim planned as a bitmap scan and sort of every due row costs
-# O(backlog) per claim. On the claims' own connection the planner walks an index in order and stops
-# at the batch (docs/performance.md).
-_IN_INDEX_ORDER = text(
-    "SELECT set_config('enable_bitmapscan', 'off', false), set_config('enable_sort', 'off', false),"
-    " set_config('enable_seqscan', 'off', false)"
+# O(backlog) per claim. In a claim's transaction the planner walks an index in order and stops at the
+# batch (docs/performance.md). Local to the transaction: no session state, which a transaction-mode
+# pooler would hand to another client.
+IN_INDEX_ORDER = text(
+    "SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true),"
+    " set_config('enable_seqscan', 'off', true)"
 )
 
 
 async def claim_connection(engine: AsyncEngine) -> AsyncConnection:
-    """A connection of one queue's claims, kept by its claimer: each claim is one autocommitted
-    statement (no checkout, ping, BEGIN or COMMIT of its own), planned in index order."""
-    conn = await engine.connect()
-    try:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(_IN_INDEX_ORDER)
-    except BaseException:
-        await conn.close()
-        raise
-    return conn
+    """A connection for one queue's claims, kept by its claimer: no checkout and ping per claim."""
+    return await engine.connect()
 
 
 FENCED = "fenced"  # the outcome of an attempt whose worker had lost its lease
@@ -99,8 +92,10 @@ async def claim(
     lease_s: float,
     **params: Any,
 ) -> list[Claimed]:
-    """Run a claim statement (claim_statement) on a claim connection; count claims and takeovers."""
-    rows = (await conn.execute(statement, {"batch": batch, "lease_s": lease_s, **params})).all()
+    """Run a claim statement (claim_statement) in a transaction of its own; count claims and takeovers."""
+    async with conn.begin():
+        await conn.execute(IN_INDEX_ORDER)
+        rows = (await conn.execute(statement, {"batch": batch, "lease_s": lease_s, **params})).all()
     WORKER_CLAIMS.labels(queue).inc(len(rows))
     if taken := sum(r.taken_over for r in rows):
         LEASE_TAKEOVERS.labels(queue).inc(taken)

@@ -4,8 +4,8 @@ A claim is prepared once per connection and run thousands of times; PostgreSQL s
 with a cached generic plan, and a queue table's statistics are always stale. A claim planned
 as a sort of the whole backlog, or as a walk of the primary key through every finished row,
 costs O(backlog) per claim: it drained 100 events a second with 9,000 waiting
-(docs/performance.md). These tests plan each claim as the worker's claim connection does,
-generic plan forced, on a table whose statistics say the opposite of what is due.
+(docs/performance.md). These tests plan each claim in a transaction set up as `leases.claim`
+sets one up, generic plan forced, on a table whose statistics say the opposite of what is due.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from app.db.engine import create_engine
 from app.failures import service as failures
 from app.notifications import tasks as emails
 from app.webhooks import tasks as events
-from app.worker.leases import claim_connection
+from app.worker.leases import IN_INDEX_ORDER, claim_connection
 from tests.fixtures.worker_process import intent_ids, store_paid_events
 
 CLAIMS = [
@@ -50,9 +50,12 @@ async def test_a_claim_walks_its_partial_index_whatever_the_statistics(
         conn = await claim_connection(engine)
         try:
             sql = statement.text.replace(":batch", "$1").replace(":lease_s", "$2")
-            await conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-            await conn.exec_driver_sql(f"PREPARE claim(int, float8) AS {sql}")
-            plan = "\n".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN EXECUTE claim(100, 60)"))
+            async with conn.begin():  # as leases.claim runs a claim
+                await conn.execute(IN_INDEX_ORDER)
+                await conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+                await conn.exec_driver_sql(f"PREPARE claim(int, float8) AS {sql}")
+                explained = await conn.exec_driver_sql("EXPLAIN EXECUTE claim(100, 60)")
+                plan = "\n".join(r[0] for r in explained)
         finally:
             await conn.close()
     finally:
