@@ -9,9 +9,11 @@ never commit: its fence finds no row.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import TextClause, text
@@ -60,6 +62,11 @@ IN_INDEX_ORDER = text(
 )
 
 
+@functools.cache
+def _driver_sql(statement: TextClause) -> str:
+    return statement.text.replace(":batch", "$1").replace(":lease_s", "$2")
+
+
 async def claim_connection(engine: AsyncEngine) -> AsyncConnection:
     """A connection for one queue's claims, kept by its claimer: no checkout and ping per claim."""
     return await engine.connect()
@@ -90,12 +97,17 @@ async def claim(
     *,
     batch: int,
     lease_s: float,
-    **params: Any,
 ) -> list[Claimed]:
-    """Run a claim statement (claim_statement) in a transaction of its own; count claims and takeovers."""
-    async with conn.begin():
-        await conn.execute(IN_INDEX_ORDER)
-        rows = (await conn.execute(statement, {"batch": batch, "lease_s": lease_s, **params})).all()
+    """Run a claim statement (claim_statement) in a transaction of its own; count claims and takeovers.
+
+    On the driver's connection: the claim is the worker's most frequent statement, and SQLAlchemy's
+    handling of a statement and its rows cost as much CPU as the claim itself (docs/performance.md).
+    """
+    raw: Any = (await conn.get_raw_connection()).driver_connection
+    async with raw.transaction():
+        await raw.execute(IN_INDEX_ORDER.text)
+        records = await raw.fetch(_driver_sql(statement), batch, lease_s)
+    rows = [SimpleNamespace(**record) for record in records]
     WORKER_CLAIMS.labels(queue).inc(len(rows))
     if taken := sum(r.taken_over for r in rows):
         LEASE_TAKEOVERS.labels(queue).inc(taken)
