@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import asyncpg
@@ -295,3 +296,47 @@ async def test_a_paid_intent_made_for_us_but_not_yet_recorded_is_retried_not_ign
     op = await db.fetchrow("SELECT kind, status, attempts, last_error FROM failed_operations")
     assert (op["kind"], op["status"], op["attempts"]) == (OperationKind.WEBHOOK, FailureStatus.DEAD, 3)
     assert "not recorded yet" in op["last_error"]
+
+
+async def test_one_batch_grants_each_payment_once_and_sends_a_mismatch_to_a_human(
+    make_client: AppFactory, db: asyncpg.Connection
+) -> None:
+    """Events stored before the worker starts are claimed as one batch and handled in one transaction:
+    two payments of one buyer move the account in order, a mismatch and an intent not recorded yet
+    each get an attempt of their own, and nothing else in the batch is held back by them."""
+    client = await make_client(**FAST_WORKER, webhook_max_retries=1)
+    first = await buy(client, "u1", "b-1", email="u1@example.com")
+    second = await buy(client, "u1", "b-2", email="u1@example.com")
+    other = await buy(client, "u3", "b-3")
+    mismatched = await buy(client, "u2", "b-4")
+    unrecorded = intent_event("payment_intent.succeeded", "pi_not_yet", 4500)
+    unrecorded["data"]["object"]["metadata"] = {"payguard_credit_purchase_id": "99"}
+    for evt in (
+        intent_event("payment_intent.succeeded", first["payment_intent_id"], 4500),
+        intent_event("payment_intent.succeeded", mismatched["payment_intent_id"], 4499),
+        unrecorded,
+        intent_event("payment_intent.succeeded", second["payment_intent_id"], 4500),
+        intent_event("payment_intent.succeeded", other["payment_intent_id"], 4500),
+    ):
+        await deliver(client, evt)
+    async with running_worker(client):
+        await until_settled(db)
+
+    assert (await balance(db, "u1"), await balance(db, "u3"), await balance(db, "u2")) == (1000, 500, 0)
+    entries = await db.fetch(
+        "SELECT delta, balance_after FROM credit_ledger WHERE user_id = 'u1' ORDER BY id"
+    )
+    assert [tuple(e) for e in entries] == [(500, 500), (500, 1000)]  # each entry's balance, in order
+    receipts = await db.fetch(
+        "SELECT payload FROM outbox_emails WHERE user_id = 'u1' AND kind = 'credits_purchased' ORDER BY id"
+    )
+    assert [json.loads(r["payload"])["balance"] for r in receipts] == [500, 1000]
+    for purchase, user in ((first, "u1"), (second, "u1"), (other, "u3")):
+        assert await status_of(client, purchase, user) == PurchaseStatus.SUCCEEDED
+    assert await status_of(client, mismatched, "u2") == PurchaseStatus.PENDING
+    dead = await db.fetch("SELECT event_id FROM webhook_events WHERE status = $1", EventStatus.DEAD)
+    assert len(dead) == 2  # the mismatch at once, the unrecorded intent after its retry
+    ops = await db.fetch("SELECT status, attempts, last_error FROM failed_operations ORDER BY id")
+    assert [(r["status"], r["attempts"]) for r in ops] == [(FailureStatus.DEAD, 1), (FailureStatus.DEAD, 2)]
+    assert "nothing was granted" in ops[0]["last_error"]
+    assert "not recorded yet" in ops[1]["last_error"]
