@@ -31,7 +31,6 @@ from app.worker.leases import (
     WORK_CHANNEL,
     Claimed,
     Commit,
-    claim,
     claim_statement,
     fence_statement,
     fenced_attempt,
@@ -118,7 +117,8 @@ _COLUMNS = (
     "w.id, w.kind, w.item_id, w.payload, w.status, w.attempts, w.max_attempts,"
     " w.next_attempt_at, w.last_error"
 )
-_CLAIM = claim_statement(
+# statuses inlined, not bound: a cached generic plan can then use the partial index (leases.py)
+CLAIM = claim_statement(
     "failed_operations",
     f"t.status IN ('{FailureStatus.PENDING}', '{FailureStatus.RETRYING}') AND t.next_attempt_at <= now()",
     "t.next_attempt_at",
@@ -130,16 +130,6 @@ _UPDATE = text(
     " next_attempt_at = :next_attempt_at, last_error = :last_error, history = history || :entry,"
     " lease_token = NULL, lease_expires_at = NULL, updated_at = now() WHERE id = :id"
 ).bindparams(bindparam("entry", type_=JSONB))
-
-
-async def claim_due_retries(conn: AsyncConnection, services: Services, batch: int) -> list[Claimed]:
-    return await claim(
-        conn,
-        _CLAIM,
-        Queue.RETRIES,
-        batch=batch,
-        lease_s=services.settings.worker_lease_s,
-    )
 
 
 def _state(row: Any) -> RetryState:

@@ -19,11 +19,11 @@ from app.notifications import mailer
 from app.notifications.models import EmailStatus
 from app.observability.metrics import WORK_DONE, Queue, WorkOutcome
 from app.services import Services
-from app.worker.leases import Claimed, Commit, claim, claim_statement, fence_statement, fenced_attempt
+from app.worker.leases import Claimed, Commit, claim_statement, fence_statement, fenced_attempt
 
 _COLUMNS = "w.id, w.public_id, w.kind, w.recipient, w.payload"
 # statuses inlined, not bound: a cached generic plan can then use the partial indexes (leases.py)
-_CLAIM = claim_statement(
+CLAIM = claim_statement(
     "outbox_emails", f"t.status IN ('{EmailStatus.PENDING}', '{EmailStatus.HELD}')", "t.id", _COLUMNS
 )
 _FENCE = fence_statement("outbox_emails")
@@ -50,16 +50,6 @@ async def hold_emails(services: Services, batch: int) -> int:
     if held:
         WORK_DONE.labels(Queue.OUTBOX, "any", WorkOutcome.HELD).inc(held)
     return held
-
-
-async def claim_due_emails(conn: AsyncConnection, services: Services, batch: int) -> list[Claimed]:
-    return await claim(
-        conn,
-        _CLAIM,
-        Queue.OUTBOX,
-        batch=batch,
-        lease_s=services.settings.worker_lease_s,
-    )
 
 
 async def _deliver(services: Services, row: Any) -> Commit:

@@ -37,7 +37,6 @@ from app.worker.leases import (
     FENCED,
     Claimed,
     Commit,
-    claim,
     claim_statement,
     fence_statement,
     fenced_attempt,
@@ -45,8 +44,9 @@ from app.worker.leases import (
 
 log = logging.getLogger("payguard.webhooks")
 
-# statuses inlined, not bound: a cached generic plan can then use the partial indexes (leases.py)
-_CLAIM = claim_statement(
+# due events, at most one per object: the oldest unfinished one of each (statuses inlined, not
+# bound: a cached generic plan can then use the partial indexes, leases.py)
+CLAIM = claim_statement(
     "webhook_events",
     f"t.status = '{EventStatus.PENDING}' AND NOT EXISTS (SELECT 1 FROM webhook_events o"  # noqa: S608 (enums)
     f" WHERE o.object_id = t.object_id AND o.status IN ('{EventStatus.PENDING}', '{EventStatus.FAILED}')"
@@ -199,17 +199,6 @@ async def mark_done(conn: AsyncConnection, done: list[tuple[int, str]]) -> None:
         "outcomes": [outcome for _, outcome in done],
     }
     await conn.execute(_DONE, params)
-
-
-async def claim_due_events(conn: AsyncConnection, services: Services, batch: int) -> list[Claimed]:
-    """Due events, at most one per object: the oldest unfinished one of each."""
-    return await claim(
-        conn,
-        _CLAIM,
-        Queue.WEBHOOK_EVENTS,
-        batch=batch,
-        lease_s=services.settings.worker_lease_s,
-    )
 
 
 async def handle_events(services: Services, items: list[Claimed]) -> list[str]:

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import TextClause, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from app.failures.engine import NeedsHuman, RetryLater
 from app.http import database_unreachable  # the database gone: the lease expires, nothing is recorded
@@ -65,11 +65,6 @@ IN_INDEX_ORDER = text(
 @functools.cache
 def _driver_sql(statement: TextClause) -> str:
     return statement.text.replace(":batch", "$1").replace(":lease_s", "$2")
-
-
-async def claim_connection(engine: AsyncEngine) -> AsyncConnection:
-    """A connection for one queue's claims, kept by its claimer: no checkout and ping per claim."""
-    return await engine.connect()
 
 
 FENCED = "fenced"  # the outcome of an attempt whose worker had lost its lease

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sqlalchemy import TextClause
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.failures import service as failures
@@ -22,13 +23,12 @@ from app.notifications import tasks as emails
 from app.observability.metrics import Queue, WorkOutcome
 from app.services import Services
 from app.webhooks import tasks as events
-from app.worker.leases import WORK_CHANNEL, Claimed, claim_connection
+from app.worker.leases import WORK_CHANNEL, Claimed, claim
 
 log = logging.getLogger("payguard.worker")
 
 # events per transaction: a batch's effects are applied set by set (app/webhooks/tasks.py)
 EVENTS_PER_TRANSACTION = 100
-Claim = Callable[[AsyncConnection, Services, int], Awaitable[list[Claimed]]]
 Handle = Callable[[Services, list[Claimed]], Awaitable[object]]
 
 
@@ -60,14 +60,12 @@ class Worker:
         settings = self.services.settings
         loops = [
             # events a batch per transaction (one that fails falls back to one event at a time)
-            self._drain(
-                Queue.WEBHOOK_EVENTS, events.claim_due_events, events.handle_events, EVENTS_PER_TRANSACTION
-            ),
+            self._drain(Queue.WEBHOOK_EVENTS, events.CLAIM, events.handle_events, EVENTS_PER_TRANSACTION),
             self._emails(),
         ]
         if settings.retry_driver == "local":  # otherwise the operator drives the retries
             retry = one_at_a_time(failures.run_retry)
-            loops.append(self._drain(Queue.RETRIES, failures.claim_due_retries, retry))
+            loops.append(self._drain(Queue.RETRIES, failures.CLAIM, retry))
         listener = asyncio.create_task(self._listen())
         try:
             await asyncio.gather(*loops)
@@ -86,9 +84,9 @@ class Worker:
                     log.exception("holding emails failed")
                 await self._sleep(Queue.OUTBOX)
             return
-        await self._drain(Queue.OUTBOX, emails.claim_due_emails, one_at_a_time(emails.send_email))
+        await self._drain(Queue.OUTBOX, emails.CLAIM, one_at_a_time(emails.send_email))
 
-    async def _drain(self, queue: Queue, claim: Claim, handle: Handle, per_task: int = 1) -> None:
+    async def _drain(self, queue: Queue, statement: TextClause, handle: Handle, per_task: int = 1) -> None:
         """One claimer per queue: it claims only what its free slots start at once (`per_task` items
         each, up to the batch size), so nothing it holds waits unstarted while its lease runs out.
         Up to `worker_concurrency` tasks run at once; on stop, those running finish."""
@@ -112,7 +110,8 @@ class Worker:
                 if isinstance(outcomes, list) and WorkOutcome.DONE in outcomes:
                     self.wake(Queue.OUTBOX)  # granted payments queued receipts
 
-        conn: AsyncConnection | None = None  # the claims' own connection, opened again if it fails
+        # the claims' own connection (no checkout and ping per claim), opened again if it fails
+        conn: AsyncConnection | None = None
         try:
             while not self._stopping.is_set():
                 if free == 0:
@@ -121,8 +120,8 @@ class Worker:
                     continue
                 wanted = min(settings.worker_batch_size, free * per_task)
                 try:
-                    conn = conn or await claim_connection(self.engine)
-                    items = await claim(conn, self.services, wanted)
+                    conn = conn or await self.engine.connect()
+                    items = await claim(conn, statement, queue, batch=wanted, lease_s=settings.worker_lease_s)
                 except Exception as exc:
                     error = f"{type(exc).__name__}: {exc}"
                     log.warning("claim failed", extra={"queue": queue, "error": error})

@@ -21,13 +21,13 @@ from app.db.engine import create_engine
 from app.failures import service as failures
 from app.notifications import tasks as emails
 from app.webhooks import tasks as events
-from app.worker.leases import IN_INDEX_ORDER, claim_connection
+from app.worker.leases import IN_INDEX_ORDER
 from tests.fixtures.worker_process import intent_ids, store_paid_events
 
 CLAIMS = [
-    pytest.param(events._CLAIM, "ix_webhook_events_pending", id="webhook_events"),
-    pytest.param(emails._CLAIM, "ix_outbox_emails_unsent", id="outbox_emails"),
-    pytest.param(failures._CLAIM, "ix_failed_operations_due", id="failed_operations"),
+    pytest.param(events.CLAIM, "ix_webhook_events_pending", id="webhook_events"),
+    pytest.param(emails.CLAIM, "ix_outbox_emails_unsent", id="outbox_emails"),
+    pytest.param(failures.CLAIM, "ix_failed_operations_due", id="failed_operations"),
 ]
 
 
@@ -47,7 +47,7 @@ async def test_a_claim_walks_its_partial_index_whatever_the_statistics(
 
     engine = create_engine(settings_for(), db_url)
     try:
-        conn = await claim_connection(engine)
+        conn = await engine.connect()  # as the worker keeps one for its claims
         try:
             sql = statement.text.replace(":batch", "$1").replace(":lease_s", "$2")
             async with conn.begin():  # as leases.claim runs a claim
