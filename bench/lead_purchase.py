@@ -562,12 +562,9 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _worker_main(raw: str) -> None:
-    try:
-        import uvloop
+    import uvloop  # a project dependency, as in serve and the worker
 
-        uvloop.install()
-    except ImportError:
-        pass
+    uvloop.install()
     result = asyncio.run(_worker(json.loads(raw)))
     print(json.dumps(result), flush=True)
 

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import uvloop
 
 try:  # run as a script (bench/ is on sys.path) or imported as bench.webhook_ingest
     from lead_purchase import (
@@ -651,12 +652,7 @@ async def _python_loadgen(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _loadgen_main(raw: str) -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    uvloop.install()  # a project dependency, as in serve and the worker
     spec = json.loads(raw)
     result = asyncio.run(_python_loadgen(spec))
     Path(spec["out"]).write_text(json.dumps(result))  # a file: a large result through a pipe came out garbled

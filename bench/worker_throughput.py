@@ -59,6 +59,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 try:  # run as a script (bench/ is on sys.path) or imported as bench.worker_throughput
     from lead_purchase import SECRET, _ms, _ratio, _start_servers, _stop_servers, _tail
     from webhook_ingest import (
@@ -334,12 +336,7 @@ async def _enqueuers(spec: dict[str, Any], report: Report) -> None:
 
 
 def _role_main(raw: str) -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    uvloop.install()  # a project dependency, as in serve and the worker
     spec = json.loads(raw)
     run = {
         "pgqueuer-worker": _pgqueuer_worker,
