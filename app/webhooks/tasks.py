@@ -45,12 +45,15 @@ from app.worker.leases import (
 log = logging.getLogger("payguard.webhooks")
 
 # due events, at most one per object: the oldest unfinished one of each (statuses inlined, not
-# bound: a cached generic plan can then use the partial indexes, leases.py)
+# bound: a cached generic plan can then use the partial indexes, leases.py). OFFSET 0 keeps the
+# ordering rule a subplan run per candidate, which probes the index with that candidate's object:
+# as a join, a plan cached while the table was empty scans every unfinished event per candidate,
+# and stays cached when a burst arrives (tests/integration/test_claim_plans.py)
 CLAIM = claim_statement(
     "webhook_events",
     f"t.status = '{EventStatus.PENDING}' AND NOT EXISTS (SELECT 1 FROM webhook_events o"  # noqa: S608 (enums)
     f" WHERE o.object_id = t.object_id AND o.status IN ('{EventStatus.PENDING}', '{EventStatus.FAILED}')"
-    " AND (o.stripe_created, o.id) < (t.stripe_created, t.id))",
+    " AND (o.stripe_created, o.id) < (t.stripe_created, t.id) OFFSET 0)",
     "t.id",
     "w.id, w.event_id, w.type, w.payload::text AS payload, w.received_at",  # text: msgspec decodes it
 )

@@ -63,3 +63,31 @@ async def test_a_claim_walks_its_partial_index_whatever_the_statistics(
     assert f"Index Scan using {index}" in plan, plan
     for bad in ("Seq Scan", "Sort", "Bitmap"):
         assert bad not in plan, plan
+
+
+async def test_an_event_claim_planned_on_an_empty_queue_stays_bounded_when_a_backlog_arrives(
+    db: asyncpg.Connection,
+    db_url: str,
+    settings_for: Callable[..., Settings],
+) -> None:
+    # the claim's generic plan is cached while the table is empty (a new install, a quiet night)
+    # and kept when a burst arrives: the ordering rule must still probe the index with each
+    # candidate's object, not scan every unfinished event for each candidate
+    engine = create_engine(settings_for(), db_url)
+    try:
+        async with engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            sql = events.CLAIM.text.replace(":batch", "$1").replace(":lease_s", "$2")
+            await raw.execute("SET plan_cache_mode = force_generic_plan")
+            await raw.execute(f"PREPARE claim(int, float8) AS {sql}")
+            await raw.execute(f"BEGIN; {IN_INDEX_ORDER.text}; EXECUTE claim(10, 60); COMMIT")  # plan cached
+            await store_paid_events(db, intent_ids(3000))
+            async with raw.transaction():
+                await raw.execute(IN_INDEX_ORDER.text)
+                plan = await raw.fetchval("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE claim(10, 60)")
+    finally:
+        await engine.dispose()
+    top = plan[0]["Plan"]
+    assert top["Actual Rows"] == 10, plan
+    buffers = top["Shared Hit Blocks"] + top["Shared Read Blocks"]
+    assert buffers < 300, plan  # scanning every unfinished event for each candidate touches ~30,000
