@@ -110,10 +110,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_header_bytes: Positive = 32 * 1024  # names, values, ": " and CRLF, all headers together
     max_header_count: Positive = 100
 
+    # reservations
+    reservation_ttl_s: Positive = 900  # how long a hold lasts
+    reservation_max_quantity: Positive = 20  # tickets per hold
+
     # rate limits: requests per window, per user and action
     rate_window_s: Positive = 60
     rate_credit_purchases: Positive = 10
     rate_lead_purchases: Positive = 60
+    rate_reservations: Positive = 30  # holds
 
     credit_packages: tuple[CreditPackage, ...] = DEFAULT_PACKAGES
 

@@ -27,6 +27,7 @@ from app.http import (
 from app.leads.routes import LeadsAdminController, LeadsController
 from app.observability.http import observe_requests
 from app.payments.gateway import PaymentGateway
+from app.reservations.routes import ReservationsAdminController, ReservationsController, TicketTypesController
 from app.services import Services
 from app.webhooks.routes import WEBHOOK_ROUTES, ReplayController
 from app.webhooks.service import EventWriter
@@ -68,6 +69,9 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             CreditsAdminController,
             LeadsController,
             LeadsAdminController,
+            TicketTypesController,
+            ReservationsController,
+            ReservationsAdminController,
             FailedOperationsController,
             ReplayController,
             WEBHOOK_ROUTES,

@@ -7,6 +7,7 @@ from app.idempotency import models as idempotency
 from app.leads import models as leads
 from app.notifications import models as notifications
 from app.ratelimit import models as ratelimit
+from app.reservations import models as reservations
 from app.webhooks import models as webhooks
 
 metadata = Base.metadata
@@ -18,5 +19,6 @@ __all__ = [
     "metadata",
     "notifications",
     "ratelimit",
+    "reservations",
     "webhooks",
 ]

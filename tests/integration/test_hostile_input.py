@@ -22,7 +22,17 @@ import httpx
 import jwt
 import pytest
 
-from tests.fixtures.app import ADMIN, TEST_SECRET, Client, auth, create_lead, grant, token
+from tests.fixtures.app import (
+    ADMIN,
+    TEST_SECRET,
+    Client,
+    auth,
+    create_lead,
+    create_ticket_type,
+    grant,
+    hold,
+    token,
+)
 
 USER = "u1"
 SQL = "'; DROP TABLE leads; --"
@@ -36,6 +46,8 @@ TABLES = (
     "leads",
     "lead_purchases",
     "outbox_emails",
+    "ticket_types",
+    "reservations",
     "rate_limits",
 )
 BUSINESS_TABLES = tuple(t for t in TABLES if t not in ("idempotency_keys", "rate_limits"))
@@ -123,6 +135,8 @@ async def send(client: Client, req: Req, lead: int) -> httpx.Response:
 PURCHASE_BODY = {"package_id": "starter"}
 GRANT_BODY = {"user_id": "u2", "credits": 5, "reason": "hostile"}
 LEAD_BODY = {"title": "t", "price_credits": 5, "details": {"k": "v"}}
+TICKET_TYPE_BODY = {"name": "t", "capacity": 5, "price": 500, "currency": "usd"}
+HOLD_BODY = {"ticket_type_id": 1, "quantity": 1}  # the seeded ticket type
 
 ENDPOINTS = {
     "credit-purchase": Req("POST", "/v1/credits/purchases", body=PURCHASE_BODY),
@@ -134,12 +148,17 @@ ENDPOINTS = {
     "leads": Req("GET", "/v1/leads"),
     "purchased-leads": Req("GET", "/v1/leads/purchased"),
     "lead-purchase": Req("POST", "/v1/leads/{lead}/purchase"),
+    "create-ticket-type": Req("POST", "/admin/ticket-types", body=TICKET_TYPE_BODY),
+    "ticket-type": Req("GET", "/v1/ticket-types/1"),
+    "hold": Req("POST", "/v1/reservations", body=HOLD_BODY),
+    "reservation": Req("GET", "/v1/reservations/1"),
+    "reservation-stats": Req("GET", "/admin/reservations/stats"),
 }
-BODY_ENDPOINTS = ("credit-purchase", "grant", "create-lead")
-KEYED_ENDPOINTS = ("credit-purchase", "grant", "create-lead", "lead-purchase")
+BODY_ENDPOINTS = ("credit-purchase", "grant", "create-lead", "create-ticket-type", "hold")
+KEYED_ENDPOINTS = ("credit-purchase", "grant", "create-lead", "lead-purchase", "create-ticket-type", "hold")
 KEY_REQUIRED = ("credit-purchase", "grant", "lead-purchase")
 PAGED_ENDPOINTS = ("ledger", "leads", "purchased-leads")
-ADMIN_ENDPOINTS = ("grant", "create-lead")
+ADMIN_ENDPOINTS = ("grant", "create-lead", "create-ticket-type", "reservation-stats")
 
 
 # --- state and assertions -------------------------------------------------------------------
@@ -147,12 +166,15 @@ ADMIN_ENDPOINTS = ("grant", "create-lead")
 
 @pytest.fixture
 async def seeded(client: Client) -> tuple[Client, int]:
-    """USER holds 90 credits and bought lead 1; lead 2 is available. Returns the available lead."""
+    """USER holds 90 credits and bought lead 1; lead 2 is available; USER holds one ticket of ticket
+    type 1 (reservation 1). Returns the available lead."""
     await grant(client, USER, 100)
     sold = await create_lead(client, price=10, title="sold lead")
     r = await client.post(f"/v1/leads/{sold}/purchase", headers=auth(USER, key="seed-purchase"))
     assert r.status_code == 201, r.text
     available = await create_lead(client, price=10, title="available lead")
+    assert await create_ticket_type(client, capacity=5) == 1
+    assert (await hold(client, USER, 1, 1)).json()["id"] == 1
     return client, available
 
 

@@ -48,9 +48,21 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import Case, GenerationMode
 
-from tests.fixtures.app import ADMIN, TEST_SECRET, AppFactory, Client, create_lead, grant, seed_leads, token
+from tests.fixtures.app import (
+    ADMIN,
+    TEST_SECRET,
+    AppFactory,
+    Client,
+    create_lead,
+    create_ticket_type,
+    grant,
+    hold,
+    seed_leads,
+    token,
+)
 
 USER = "fuzz-user"
+SEEDED_HOLDS = 5
 # per operation and generation mode: JSON bodies are a much larger space than a few query parameters
 BODY_EXAMPLES = 150
 OTHER_EXAMPLES = 50
@@ -71,6 +83,12 @@ OPERATIONS = [
     ("POST", "/admin/failed-operations/{op_id}/retry"),
     ("POST", "/admin/failed-operations/{op_id}/discard"),
     ("POST", "/admin/webhooks/replay"),
+    ("POST", "/admin/ticket-types"),
+    ("GET", "/v1/ticket-types/{type_id}"),
+    ("POST", "/v1/reservations"),
+    ("GET", "/v1/reservations/{reservation_id}"),
+    ("DELETE", "/v1/reservations/{reservation_id}"),
+    ("GET", "/admin/reservations/stats"),
 ]
 # the webhook takes no bearer token and no schema'd body, only signed bytes: its hostile bodies are
 # in test_webhook_ingest.py (every body signed, any JSON at all) and its header in test_signature.py
@@ -87,8 +105,11 @@ async def load_schema(client: Client) -> dict[str, Any]:
 @pytest.fixture
 async def fuzz_client(make_client: AppFactory, db: asyncpg.Connection) -> Client:
     """Rate limits out of the way (so purchases do real work), a funded user, five cheap leads, a
-    credit purchase and failed operations in every status (so ids in paths name real rows)."""
-    client = await make_client(rate_credit_purchases=100_000, rate_lead_purchases=100_000)
+    credit purchase, failed operations in every status, a ticket type and holds of the user's (so ids
+    in paths name real rows)."""
+    client = await make_client(
+        rate_credit_purchases=100_000, rate_lead_purchases=100_000, rate_reservations=100_000
+    )
     await grant(client, USER, 1_000_000)
     for i in range(5):
         await create_lead(client, price=1, title=f"seed lead {i}")
@@ -103,6 +124,9 @@ async def fuzz_client(make_client: AppFactory, db: asyncpg.Connection) -> Client
         " SELECT 'refund_shortfall', 'seed-' || s, s, 1, 1, now() + interval '1 hour'"
         " FROM unnest(ARRAY['pending', 'retrying', 'succeeded', 'dead', 'discarded']) AS s"
     )
+    ticket_type = await create_ticket_type(client, capacity=1_000_000)
+    for _ in range(SEEDED_HOLDS):
+        assert (await hold(client, USER, ticket_type, 1)).status_code == 201
     return client
 
 
@@ -322,7 +346,13 @@ async def fuzz_schema(client: Client) -> dict[str, Any]:
     ops = await client.get(
         "/admin/failed-operations", headers={"Authorization": f"Bearer {token(ADMIN, admin=True)}"}
     )
-    ids = {"purchase_id": ["1"], "op_id": [str(op["id"]) for op in ops.json()["items"]]}
+    ids = {
+        "purchase_id": ["1"],
+        "op_id": [str(op["id"]) for op in ops.json()["items"]],
+        "type_id": ["1"],
+        "reservation_id": [str(i) for i in range(1, SEEDED_HOLDS + 1)],
+    }
+    schema["components"]["schemas"]["HoldCreate"]["properties"]["ticket_type_id"]["enum"] = [1]
     for item in schema["paths"].values():
         for operation in item.values():
             for param in operation.get("parameters", []):
