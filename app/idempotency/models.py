@@ -24,6 +24,7 @@ class RecoveryPoint(StrEnum):
 
     STARTED = "started"
     PURCHASE_CREATED = "purchase_created"  # credit purchase row committed; Stripe not yet answered
+    CHECKOUT_CREATED = "checkout_created"  # a reservation priced, its Stripe key stored; Stripe not answered
     FINISHED = "finished"  # the response is stored; a retry replays it
 
 

@@ -69,9 +69,20 @@ def _credits_purchased(payload: dict[str, Any]) -> tuple[str, str]:
     return f"Receipt: {credits:,} credits", body
 
 
+def _tickets_issued(payload: dict[str, Any]) -> tuple[str, str]:
+    codes, ticket_type = [str(code) for code in payload["codes"]], _one_line(payload["ticket_type"])
+    body = (
+        f"Your {len(codes)} ticket{'s' if len(codes) > 1 else ''} for {ticket_type}:\n\n"
+        + "".join(f"  {code}\n" for code in codes)
+        + f"\nThey are also at GET /v1/reservations/{payload['reservation_id']}\n"
+    )
+    return f"Your tickets: {ticket_type}", body
+
+
 _WRITERS: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
     EmailKind.LEAD_PURCHASED: _lead_purchased,
     EmailKind.CREDITS_PURCHASED: _credits_purchased,
+    EmailKind.TICKETS_ISSUED: _tickets_issued,
 }
 
 

@@ -18,6 +18,7 @@ from app.notifications.models import EmailStatus
 class EmailKind(StrEnum):
     LEAD_PURCHASED = "lead_purchased"
     CREDITS_PURCHASED = "credits_purchased"  # the receipt, once the payment's credits are granted
+    TICKETS_ISSUED = "tickets_issued"  # a paid reservation's ticket codes
 
 
 _ENQUEUE = text(

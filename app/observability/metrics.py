@@ -10,6 +10,17 @@ from prometheus_client import Counter, Gauge, Histogram
 class PurchaseKind(StrEnum):
     CREDITS = "credits"
     LEAD = "lead"
+    TICKETS = "tickets"  # a reservation's checkout
+
+
+class ReservationOutcome(StrEnum):
+    HELD = "held"
+    SOLD_OUT = "sold_out"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"  # marked by the cleanup job
+    COMPLETED = "completed"  # paid in time: tickets issued
+    HONOURED = "honoured"  # paid after it expired or was cancelled, and there was still room
+    REFUNDED = "refunded"  # paid too late, no room left: the payment went back
 
 
 class PurchaseOutcome(StrEnum):
@@ -51,6 +62,9 @@ PURCHASES = Counter(
     "payguard_purchases_total",
     "Purchases by kind (PurchaseKind) and outcome (PurchaseOutcome)",
     ["kind", "outcome"],
+)
+RESERVATIONS = Counter(
+    "payguard_reservations_total", "Ticket holds by outcome (ReservationOutcome)", ["outcome"]
 )
 IDEMPOTENCY = Counter(
     "payguard_idempotency_total",

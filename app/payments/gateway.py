@@ -14,6 +14,7 @@ from app.problems import PaymentKeyConflict, PaymentProviderError, PaymentsNotCo
 
 log = logging.getLogger("payguard.payments")
 _CREATE_INTENT = "create_payment_intent"  # the operation label of STRIPE_REQUESTS
+_REFUND = "refund_payment"
 
 
 class PaymentIntent(msgspec.Struct, frozen=True):
@@ -90,3 +91,22 @@ class PaymentGateway:
             amount=intent.amount,
             currency=intent.currency,
         )
+
+    async def refund_payment(self, *, intent_id: str, idempotency_key: str) -> str:
+        """Refund a payment in full; the same key answers with the same refund, so it happens once.
+
+        Raises stripe.StripeError (the caller's attempt fails and is retried with the same key).
+        """
+        client = self.require()
+        try:
+            refund = await client.v1.refunds.create_async(
+                {"payment_intent": intent_id}, {"idempotency_key": idempotency_key}
+            )
+        except stripe.StripeError as exc:
+            STRIPE_REQUESTS.labels(_REFUND, StripeOutcome.ERROR).inc()
+            log.warning(
+                "stripe refund failed", extra={"stripe_code": exc.code, "http_status": exc.http_status}
+            )
+            raise
+        STRIPE_REQUESTS.labels(_REFUND, StripeOutcome.OK).inc()
+        return str(refund.id)

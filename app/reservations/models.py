@@ -17,7 +17,8 @@ class ReservationStatus(StrEnum):
     ACTIVE = "active"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
-    COMPLETED = "completed"
+    COMPLETED = "completed"  # paid: its tickets are issued
+    REFUNDED = "refunded"  # paid after it expired or was cancelled, with no room left: the money went back
 
 
 class TicketType(Base):
@@ -65,5 +66,23 @@ class Reservation(Base):
     quantity: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default=ReservationStatus.ACTIVE)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # set by the first checkout: what Stripe is asked for, with a key unique across databases
+    amount: Mapped[int | None] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(String(3))
+    stripe_idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    payment_intent_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    recipient: Mapped[str | None] = mapped_column(String(320))  # where the tickets email goes
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Ticket(Base):
+    """An issued ticket: its code is random (128 bits), so it cannot be guessed from another."""
+
+    __tablename__ = "tickets"
+    __table_args__ = (Index("ix_tickets_reservation_id", "reservation_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    reservation_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("reservations.id"))
+    code: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -10,6 +10,7 @@ from app.idempotency.http import IdempotencyKeyHeader, keyed, respond
 from app.reservations import service
 from app.reservations.schemas import (
     Cancelled,
+    CheckoutOut,
     HoldCreate,
     ReservationOut,
     ReservationStats,
@@ -55,6 +56,18 @@ class ReservationsController(Controller):
         self, services: NamedDependency[Services], caller: NamedDependency[Caller], reservation_id: RowId
     ) -> ReservationOut:
         return await service.get_reservation(services, caller, int(reservation_id))
+
+    @post("/{reservation_id:str}/checkout", status_code=201, summary="Pay for a hold")
+    async def checkout(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+        caller: NamedDependency[Caller],
+        reservation_id: RowId,
+        idempotency_key: IdempotencyKeyHeader = None,
+    ) -> Response[CheckoutOut]:
+        req = keyed(request, caller, idempotency_key)
+        return respond(await service.checkout_reservation(services, caller, req, int(reservation_id)))
 
     @delete("/{reservation_id:str}", status_code=200, summary="Release a hold at once")
     async def cancel(

@@ -37,6 +37,7 @@ class ReservationOut(msgspec.Struct):
     ticket_type_id: int
     quantity: int
     expires_at: datetime
+    tickets: list[str] = msgspec.field(default_factory=list)  # codes, once paid
 
 
 class Cancelled(msgspec.Struct):
@@ -50,3 +51,10 @@ class ReservationStats(msgspec.Struct):
     cancelled: int
     awaiting_cleanup: int  # active holds past their expiry, still to be marked by the cleanup job
     oldest_active_at: datetime | None  # the oldest hold still marked active: old means cleanup stalled
+
+
+class CheckoutOut(msgspec.Struct):
+    payment_intent_id: str
+    client_secret: str
+    amount: int
+    currency: str

@@ -30,6 +30,7 @@ from app.observability.metrics import (
     Queue,
     WorkOutcome,
 )
+from app.reservations import service as reservations
 from app.services import Services
 from app.webhooks.models import UNFINISHED, EventStatus
 from app.webhooks.service import HANDLED_TYPES, metric_type
@@ -58,6 +59,7 @@ CLAIM = claim_statement(
     "w.id, w.event_id, w.type, w.payload::text AS payload, w.received_at",  # text: msgspec decodes it
 )
 _FENCE = fence_statement("webhook_events")
+_EVENT = text("SELECT type, payload FROM webhook_events WHERE id = :id")
 LOCK_EVENT = text(
     "SELECT id, event_id, type, payload, received_at, status FROM webhook_events WHERE id = :id FOR UPDATE"
 )
@@ -114,6 +116,26 @@ def _unrecorded(settled: str, obj: _Object) -> bool:
     return settled == credits.Settlement.NOT_OURS and credits.PURCHASE_METADATA in obj.metadata
 
 
+def _for_reservation(settled: str, obj: _Object) -> bool:
+    """Not a credit purchase's intent, and made for a reservation's checkout: the reservation is
+    looked up by the intent's id (the metadata only says where to look)."""
+    return settled == credits.Settlement.NOT_OURS and reservations.RESERVATION_METADATA in obj.metadata
+
+
+async def refund_late_payment(services: Services, event_type: str, payload: Any) -> bool:
+    """Before an attempt's transaction: a reservation paid too late, with no room left, is refunded
+    at Stripe (reservations.refund_if_no_room); True if it was."""
+    if event_type != "payment_intent.succeeded":
+        return False
+    obj = _object(payload)
+    if obj.id is None or reservations.RESERVATION_METADATA not in obj.metadata:
+        return False
+    paid = _paid(obj)
+    return await reservations.refund_if_no_room(
+        services, intent_id=paid.intent_id, amount=paid.amount, currency=paid.currency
+    )
+
+
 async def apply_events(
     conn: AsyncConnection, services: Services, events: Sequence[tuple[str, Any]]
 ) -> list[str | None]:
@@ -135,12 +157,16 @@ async def apply_events(
         settled = await credits.settle_paid_intents(conn, [_paid(obj) for _, obj in paid])
         for (i, obj), outcome in zip(paid, settled, strict=True):
             redo = outcome == credits.Settlement.MISMATCH or _unrecorded(outcome, obj)
+            redo |= _for_reservation(outcome, obj)  # its own attempt: a late payment may need a refund
             outcomes[i] = None if redo else outcome
     return outcomes
 
 
-async def apply_event(conn: AsyncConnection, services: Services, event_type: str, payload: Any) -> str:
-    """The effect of one event, in the caller's transaction: a Settlement, or ignored."""
+async def apply_event(
+    conn: AsyncConnection, services: Services, event_type: str, payload: Any, *, refunded: bool = False
+) -> str:
+    """The effect of one event, in the caller's transaction: a Settlement or a Checkout, or ignored.
+    `refunded`: refund_late_payment refunded this payment before the transaction."""
     if event_type not in HANDLED_TYPES:
         return WorkOutcome.IGNORED
     obj = _object(payload)
@@ -155,7 +181,15 @@ async def apply_event(conn: AsyncConnection, services: Services, event_type: str
             raise RetryLater(
                 f"intent {obj.id} of purchase {obj.metadata[credits.PURCHASE_METADATA]} is not recorded yet"
             )
-        return settled
+        if not _for_reservation(settled, obj):
+            return settled
+        checkout = await reservations.settle_paid_checkout(
+            conn, intent_id=paid.intent_id, amount=paid.amount, currency=paid.currency, refunded=refunded
+        )
+        if checkout == reservations.Checkout.NOT_OURS:
+            reservation = obj.metadata[reservations.RESERVATION_METADATA]
+            raise RetryLater(f"intent {obj.id} of reservation {reservation} is not recorded yet")
+        return checkout
     if event_type in ("payment_intent.payment_failed", "payment_intent.canceled"):
         if obj.id is None:
             return WorkOutcome.IGNORED
@@ -271,8 +305,10 @@ async def handle_event(services: Services, item: Claimed) -> str:
     row = item.row
 
     async def perform() -> Commit:
+        refunded = await refund_late_payment(services, row.type, row.payload)
+
         async def commit(conn: AsyncConnection) -> str:
-            return await apply_event(conn, services, row.type, row.payload)
+            return await apply_event(conn, services, row.type, row.payload, refunded=refunded)
 
         return commit
 
@@ -305,11 +341,15 @@ class EventHandling:
     """A failed event's retry: the same handler, on the event's row, under the failed operation's lease."""
 
     async def perform(self, services: Services, item_id: int | None, payload: dict[str, Any]) -> Commit:
+        async with services.sessions() as session:
+            stored = (await session.execute(_EVENT, {"id": item_id})).first()
+        refunded = stored is not None and await refund_late_payment(services, stored.type, stored.payload)
+
         async def commit(conn: AsyncConnection) -> str:
             event = (await conn.execute(LOCK_EVENT, {"id": item_id})).first()
             if event is None:
                 return WorkOutcome.IGNORED  # pruned: nothing left to do
-            outcome = await apply_event(conn, services, event.type, event.payload)
+            outcome = await apply_event(conn, services, event.type, event.payload, refunded=refunded)
             await mark_done(conn, [(event.id, outcome)])
             return outcome
 

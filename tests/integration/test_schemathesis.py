@@ -88,6 +88,7 @@ OPERATIONS = [
     ("POST", "/v1/reservations"),
     ("GET", "/v1/reservations/{reservation_id}"),
     ("DELETE", "/v1/reservations/{reservation_id}"),
+    ("POST", "/v1/reservations/{reservation_id}/checkout"),
     ("GET", "/admin/reservations/stats"),
 ]
 # the webhook takes no bearer token and no schema'd body, only signed bytes: its hostile bodies are
