@@ -49,6 +49,7 @@ class ReservationStats(msgspec.Struct):
     expired: int  # including active holds past their expiry the cleanup job has not marked yet
     completed: int
     cancelled: int
+    refunded: int  # paid too late, with no room left
     awaiting_cleanup: int  # active holds past their expiry, still to be marked by the cleanup job
     oldest_active_at: datetime | None  # the oldest hold still marked active: old means cleanup stalled
 

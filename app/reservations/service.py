@@ -215,6 +215,7 @@ async def reservation_stats(services: Services) -> ReservationStats:
         expired=counts.get(ReservationStatus.EXPIRED, 0),
         completed=counts.get(ReservationStatus.COMPLETED, 0),
         cancelled=counts.get(ReservationStatus.CANCELLED, 0),
+        refunded=counts.get(ReservationStatus.REFUNDED, 0),
         awaiting_cleanup=sum(row.unmarked for row in rows),
         oldest_active_at=oldest,
     )

@@ -279,6 +279,8 @@ async def test_a_hold_paid_after_it_expired_and_sold_out_is_refunded_once(
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", reservation) == "refunded"
     assert await db.fetchval("SELECT count(*) FROM tickets") == 0
     assert await db.fetchval("SELECT sold FROM ticket_types") == 0
+    stats = (await client.get("/admin/reservations/stats", headers=auth("admin", admin=True))).json()
+    assert (stats["refunded"], stats["active"]) == (1, 1)
 
 
 async def test_a_refund_repeated_after_a_crash_is_the_same_refund(
