@@ -1,8 +1,16 @@
 from sqlalchemy import text
 
 from app.failures import service as failures
+from app.jobs import service as jobs
 from app.notifications import service as notifications
-from app.observability.metrics import EMAILS_HELD, FAILED_OPERATIONS, QUEUE_DEPTH, QUEUE_OLDEST_AGE, Queue
+from app.observability.metrics import (
+    EMAILS_HELD,
+    FAILED_OPERATIONS,
+    JOB_LAST_SUCCESS,
+    QUEUE_DEPTH,
+    QUEUE_OLDEST_AGE,
+    Queue,
+)
 from app.services import Services
 from app.webhooks import service as webhooks
 
@@ -17,7 +25,9 @@ async def database_ready(services: Services) -> bool:
 
 
 async def observe_queues(services: Services) -> None:
-    """Set the backlog gauges from the database; a database that does not answer leaves them as they were."""
+    """Set the backlog gauges and the jobs' last successes from the database; a database that does not
+    answer leaves them as they were (a last success stays the last one known, so /metrics still answers
+    and a stale job still shows)."""
     try:
         async with services.sessions() as session:
             conn = await session.connection()
@@ -26,6 +36,7 @@ async def observe_queues(services: Services) -> None:
             depth, oldest, held = await notifications.backlog(conn)
             retries = await failures.backlog(conn)
             by_kind = await failures.counts(conn)
+            succeeded = await jobs.last_successes(conn)
     except Exception:
         return
     for queue, (count, since) in {
@@ -38,3 +49,5 @@ async def observe_queues(services: Services) -> None:
     EMAILS_HELD.set(held)
     for (kind, status), n in by_kind.items():
         FAILED_OPERATIONS.labels(kind, status).set(n)
+    for job, at in succeeded.items():
+        JOB_LAST_SUCCESS.labels(job).set(at.timestamp())

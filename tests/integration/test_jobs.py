@@ -1,0 +1,346 @@
+"""The jobs (cleanup, health, reconcile) on real PostgreSQL, in the app and as `payguard jobs` processes.
+
+Each test seeds rows with the ages it needs (times moved back in SQL, or the health job's clock
+injected), runs the job, and asserts on the rows, the run records, the API and /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import asyncpg
+
+from app.credits.models import PurchaseStatus
+from app.idempotency.models import RecoveryPoint
+from app.jobs.models import JobName, RunOutcome
+from app.payments.gateway import PaymentGateway, PaymentIntent
+from app.webhooks.models import EventStatus
+from tests.fixtures.app import ADMIN, AppFactory, Client, auth
+from tests.fixtures.jobs import (
+    finish_cli,
+    hold_lock,
+    lock_holder_pids,
+    release_lock,
+    run,
+    start_cli,
+)
+from tests.fixtures.stripe import FakeStripe
+from tests.fixtures.worker import wait_until
+
+ADMIN_AUTH = auth(ADMIN, admin=True)
+PURCHASE = "/v1/credits/purchases"
+
+
+async def buy(client: Client, user: str, key: str) -> Any:
+    return await client.post(PURCHASE, json={"package_id": "starter"}, headers=auth(user, key=key))
+
+
+async def runs(db: asyncpg.Connection, job: JobName) -> list[tuple[str, Any, str | None]]:
+    rows = await db.fetch("SELECT outcome, counts, error FROM job_runs WHERE job = $1 ORDER BY id", job)
+    return [(r["outcome"], r["counts"], r["error"]) for r in rows]
+
+
+# --- locking and run records --------------------------------------------------------------
+
+
+async def test_a_run_while_another_holds_the_lock_does_nothing_and_is_recorded_skipped(
+    client: Client, db: asyncpg.Connection
+) -> None:
+    await db.execute(
+        "INSERT INTO rate_limits (key, tat) VALUES ('credit_purchase:u1', now() - interval '1 minute')"
+    )
+    await hold_lock(db, JobName.CLEANUP)
+    skipped = await run(client, JobName.CLEANUP)
+    assert (skipped.outcome, skipped.counts, skipped.error) == (RunOutcome.SKIPPED, {}, None)
+    assert await db.fetchval("SELECT count(*) FROM rate_limits") == 1  # nothing was done
+    await release_lock(db, JobName.CLEANUP)
+    done = await run(client, JobName.CLEANUP)
+    assert done.outcome == RunOutcome.SUCCEEDED and done.counts["rate_limit_buckets"] == 1
+    assert await db.fetchval("SELECT count(*) FROM rate_limits") == 0
+    # the lock is given back after each run: nothing holds it now
+    assert await lock_holder_pids(db, JobName.CLEANUP) == []
+
+
+async def test_two_concurrent_cleanup_processes_one_works_the_other_exits_0_doing_nothing(
+    db_url: str, db: asyncpg.Connection
+) -> None:
+    await db.execute(
+        "INSERT INTO rate_limits (key, tat) SELECT 'lead_purchase:u' || g, now() - interval '1 minute'"
+        " FROM generate_series(1, 5) g"
+    )
+    # the first run's first step waits on this table lock, holding the job's lock meanwhile
+    blocker = db.transaction()
+    await blocker.start()
+    await db.execute("LOCK TABLE credit_purchases IN ACCESS EXCLUSIVE MODE")
+    first = start_cli(db_url, JobName.CLEANUP)
+    try:
+        await wait_until(
+            lambda: lock_holder_pids(db, JobName.CLEANUP), 60, "the first run holds the job's lock"
+        )
+        second = start_cli(db_url, JobName.CLEANUP)
+        code, record, log = await asyncio.to_thread(finish_cli, second)
+        assert code == 0, log
+        assert record["outcome"] == RunOutcome.SKIPPED and record["counts"] == {}
+        assert "another run holds its lock" in log
+        assert first.poll() is None  # still running: the two overlapped
+        assert await db.fetchval("SELECT count(*) FROM rate_limits") == 5
+    finally:
+        await blocker.rollback()
+    code, record, log = await asyncio.to_thread(finish_cli, first)
+    assert code == 0, log
+    assert record["outcome"] == RunOutcome.SUCCEEDED and record["counts"]["rate_limit_buckets"] == 5
+    assert await db.fetchval("SELECT count(*) FROM rate_limits") == 0
+    assert [outcome for outcome, _, _ in await runs(db, JobName.CLEANUP)] == [
+        RunOutcome.SUCCEEDED,
+        RunOutcome.SKIPPED,
+    ]
+
+
+async def test_a_run_whose_process_died_is_closed_as_abandoned_by_the_next(
+    db_url: str, db: asyncpg.Connection, client: Client
+) -> None:
+    blocker = db.transaction()
+    await blocker.start()
+    await db.execute("LOCK TABLE credit_purchases IN ACCESS EXCLUSIVE MODE")
+    proc = start_cli(db_url, JobName.CLEANUP)
+    try:
+        await wait_until(lambda: _waits_or_exited(db, proc), 60, "the run waits in its first step")
+        assert proc.poll() is None, finish_cli(proc)
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(proc.wait, 30)
+    finally:
+        await blocker.rollback()
+    assert [outcome for outcome, _, _ in await runs(db, JobName.CLEANUP)] == [RunOutcome.RUNNING]
+    # its connection died with it, and with the connection its lock: the next run takes it
+    await wait_until(lambda: _no_lock_holder(db), 30, "the dead run's lock is released")
+    assert (await run(client, JobName.CLEANUP)).outcome == RunOutcome.SUCCEEDED
+    closed, finished = await runs(db, JobName.CLEANUP)
+    assert closed[0] == RunOutcome.ABANDONED and "died" in (closed[2] or "")
+    assert finished[0] == RunOutcome.SUCCEEDED
+
+
+async def _waits_or_exited(db: asyncpg.Connection, proc: Any) -> bool:
+    # pg_locks, not pg_stat_activity: the test's transaction would see a snapshot of the latter
+    waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'credit_purchases'::regclass"
+    return proc.poll() is not None or await db.fetchval(waiting) > 0
+
+
+async def _no_lock_holder(db: asyncpg.Connection) -> bool:
+    return not await lock_holder_pids(db, JobName.CLEANUP)
+
+
+# --- cleanup ---------------------------------------------------------------------------------
+
+
+async def test_cleanup_prunes_what_is_past_retention_and_keeps_the_rest(
+    client: Client, db: asyncpg.Connection
+) -> None:
+    # idempotency keys: 24 h by default
+    assert (await buy(client, "u1", "old-key")).status_code == 201
+    assert (await buy(client, "u1", "new-key")).status_code == 201
+    await db.execute(
+        "UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'old-key'"
+    )
+    # rate-limit buckets: idle once their TAT has passed (the two purchases left one, in the future)
+    await db.execute(
+        "INSERT INTO rate_limits (key, tat) VALUES ('lead_purchase:idle', now() - interval '1 second')"
+    )
+    # webhook events: 30 days for handled and ignored ones; unfinished and dead ones stay
+    await db.execute(
+        "INSERT INTO webhook_events (event_id, type, object_id, stripe_created, payload, status, attempts,"
+        " received_at) SELECT 'evt_' || s || '_' || age, 'payment_intent.succeeded', 'pi_' || s, now(), '{}',"
+        " s, 1, now() - make_interval(days => age)"
+        " FROM unnest(ARRAY['pending', 'handled', 'ignored', 'failed', 'dead']) AS s,"
+        " unnest(ARRAY[31, 29]) AS age"
+    )
+    # job runs: 30 days
+    await db.execute(
+        "INSERT INTO job_runs (job, started_at, finished_at, outcome) VALUES"
+        " ('health', now() - interval '31 days', now() - interval '31 days', 'succeeded'),"
+        " ('health', now() - interval '29 days', now() - interval '29 days', 'failed')"
+    )
+    # the health job's history: 90 days for metrics and resolved alerts; an open alert stays
+    await db.execute(
+        "INSERT INTO platform_metrics (metric, window_start, window_end, total, failed, failure_rate, threshold)"
+        " SELECT 'emails', now() - make_interval(days => d, hours => 1), now() - make_interval(days => d),"
+        " 10, 1, 0.1, 0.1 FROM unnest(ARRAY[91, 89]) AS d"
+    )
+    await db.execute(
+        "INSERT INTO platform_alerts (metric, failure_rate, threshold, total, failed, message, opened_at,"
+        " last_seen_at, resolved_at) VALUES"
+        " ('emails', 1, 0.1, 10, 10, 'old', now() - interval '92 days', now() - interval '92 days',"
+        "  now() - interval '91 days'),"
+        " ('webhooks', 1, 0.1, 10, 10, 'open', now() - interval '92 days', now(), NULL)"
+    )
+
+    result = await run(client, JobName.CLEANUP)
+
+    assert result.outcome == RunOutcome.SUCCEEDED, result.error
+    assert result.counts == {
+        "abandoned_purchases": 0,
+        "idempotency_keys": 1,
+        "rate_limit_buckets": 1,
+        "webhook_events": 2,
+        "job_runs": 1,
+        "health_history": 2,
+    }
+    assert await db.fetchval("SELECT array_agg(key) FROM idempotency_keys") == ["new-key"]
+    assert await db.fetchval("SELECT array_agg(key) FROM rate_limits") == ["credit_purchase:u1"]
+    kept = await db.fetch(
+        "SELECT status, received_at < now() - interval '30 days' AS old FROM webhook_events"
+    )
+    unfinished_or_dead = (EventStatus.PENDING, EventStatus.FAILED, EventStatus.DEAD)
+    assert sorted((r["status"], r["old"]) for r in kept) == sorted(
+        [(status, False) for status in EventStatus] + [(status, True) for status in unfinished_or_dead]
+    )
+    assert (
+        await db.fetchval("SELECT count(*) FROM job_runs WHERE started_at < now() - interval '30 days'") == 0
+    )
+    assert await db.fetchval("SELECT count(*) FROM platform_metrics") == 1
+    assert await db.fetchval("SELECT array_agg(message) FROM platform_alerts") == ["open"]
+    # a second run finds nothing more to do
+    again = await run(client, JobName.CLEANUP)
+    assert again.outcome == RunOutcome.SUCCEEDED and set(again.counts.values()) == {0}
+
+
+async def test_cleanup_works_in_batches_of_the_configured_size(
+    make_client: AppFactory, db: asyncpg.Connection
+) -> None:
+    client = await make_client(jobs_batch_size=7)
+    await db.execute(
+        "INSERT INTO rate_limits (key, tat) SELECT 'lead_purchase:u' || g, now() - interval '1 minute'"
+        " FROM generate_series(1, 30) g"
+    )
+    result = await run(client, JobName.CLEANUP)
+    assert result.counts["rate_limit_buckets"] == 30
+    assert await db.fetchval("SELECT count(*) FROM rate_limits") == 0
+
+
+class CrashAfterStripe(PaymentGateway):
+    """Stripe makes the intent, then the request dies before our commit (once)."""
+
+    def __init__(self, inner: PaymentGateway) -> None:
+        self.__dict__.update(inner.__dict__)
+
+    async def create_payment_intent(self, **kwargs: Any) -> PaymentIntent:
+        await super().create_payment_intent(**kwargs)
+        raise RuntimeError("process died after Stripe answered")
+
+
+class SlowStripe(PaymentGateway):
+    """Stripe answers only once the test lets it: the request stays in flight meanwhile."""
+
+    def __init__(self, inner: PaymentGateway) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.calling = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def create_payment_intent(self, **kwargs: Any) -> PaymentIntent:
+        self.calling.set()
+        await self.answer.wait()
+        return await super().create_payment_intent(**kwargs)
+
+
+async def _age(db: asyncpg.Connection, key: str, interval: str) -> None:
+    """Make a key's request and its purchase look `interval` old (its lock too, if it holds one)."""
+    await db.execute(
+        "UPDATE idempotency_keys SET last_run_at = now() - CAST($2::text AS interval),"
+        " locked_at = locked_at - CAST($2::text AS interval), created_at = now() - CAST($2::text AS interval)"
+        " WHERE key = $1",
+        key,
+        interval,
+    )
+    await db.execute(
+        "UPDATE credit_purchases p SET created_at = now() - CAST($2::text AS interval) FROM idempotency_keys k"
+        " WHERE k.id = p.idempotency_key_id AND k.key = $1",
+        key,
+        interval,
+    )
+
+
+async def test_a_purchase_whose_request_died_before_its_intent_was_recorded_is_abandoned(
+    client: Client, stripe: FakeStripe, db: asyncpg.Connection
+) -> None:
+    services = client.app.state.services
+    stripe_gateway = services.payments
+    object.__setattr__(services, "payments", CrashAfterStripe(stripe_gateway))
+    assert (await buy(client, "u1", "died")).status_code == 500
+    await _age(db, "died", "10 minutes")  # the lock timeout is 90 s
+
+    result = await run(client, JobName.CLEANUP)
+
+    assert result.counts["abandoned_purchases"] == 1
+    assert await db.fetchval("SELECT status FROM credit_purchases") == PurchaseStatus.ABANDONED
+    key = await db.fetchrow("SELECT recovery_point, response_status, fencing_token FROM idempotency_keys")
+    assert (key["recovery_point"], key["response_status"], key["fencing_token"]) == (
+        RecoveryPoint.FINISHED,
+        409,
+        2,  # taken over, as a retry would take it
+    )
+    object.__setattr__(services, "payments", stripe_gateway)
+    retried = await buy(client, "u1", "died")  # the client comes back: told, not charged
+    assert retried.status_code == 409 and retried.json()["type"] == "purchase-abandoned"
+    assert retried.headers["idempotent-replayed"] == "true"
+    assert len(stripe.intents) == 1  # only the one nobody can pay: no client secret ever left
+    user = await client.get(f"{PURCHASE}/1", headers=auth("u1"))
+    assert user.json()["status"] == "abandoned" and user.json()["payment_intent_id"] is None
+
+
+async def test_purchases_that_may_still_complete_are_not_abandoned(
+    client: Client, stripe: FakeStripe, db: asyncpg.Connection
+) -> None:
+    # recorded intent: pending at Stripe, reconciliation's business
+    assert (await buy(client, "u1", "paid-later")).status_code == 201
+    await _age(db, "paid-later", "2 hours")
+    # its request failed at Stripe a moment ago (released, not stored): the client may retry now
+    stripe.failures_to_inject.append(500)
+    assert (await buy(client, "u1", "just-failed")).status_code == 502
+    await db.execute(
+        "UPDATE credit_purchases p SET created_at = now() - interval '2 hours' FROM idempotency_keys k"
+        " WHERE k.id = p.idempotency_key_id AND k.key = 'just-failed'"
+    )
+    # in flight right now, inside the Stripe call (its lock is live)
+    services = client.app.state.services
+    slow = SlowStripe(services.payments)
+    object.__setattr__(services, "payments", slow)
+    in_flight = asyncio.create_task(buy(client, "u1", "in-flight"))
+    await asyncio.wait_for(slow.calling.wait(), 30)
+    await db.execute(
+        "UPDATE credit_purchases p SET created_at = now() - interval '2 hours' FROM idempotency_keys k"
+        " WHERE k.id = p.idempotency_key_id AND k.key = 'in-flight'"
+    )
+
+    result = await run(client, JobName.CLEANUP)
+
+    assert result.counts["abandoned_purchases"] == 0
+    slow.answer.set()
+    assert (await in_flight).status_code == 201
+    statuses = await db.fetch(
+        "SELECT status, payment_intent_id IS NOT NULL AS has_intent FROM credit_purchases"
+    )
+    assert [r["status"] for r in statuses] == [PurchaseStatus.PENDING] * 3
+    assert (await buy(client, "u1", "just-failed")).status_code == 201  # the retry resumes
+
+
+async def test_a_request_stalled_past_its_lock_timeout_loses_to_the_cleanup_and_commits_nothing(
+    client: Client, stripe: FakeStripe, db: asyncpg.Connection
+) -> None:
+    services = client.app.state.services
+    slow = SlowStripe(services.payments)
+    object.__setattr__(services, "payments", slow)
+    stalled = asyncio.create_task(buy(client, "u1", "stalled"))
+    await asyncio.wait_for(slow.calling.wait(), 30)
+    await _age(db, "stalled", "10 minutes")  # it has held its key past the lock timeout
+
+    result = await run(client, JobName.CLEANUP)
+    assert result.counts["abandoned_purchases"] == 1
+
+    slow.answer.set()  # Stripe answers the stalled request at last: its commit is fenced out
+    late = await stalled
+    assert late.status_code == 409 and late.json()["type"] == "idempotency-key-in-use"
+    row = await db.fetchrow("SELECT status, payment_intent_id FROM credit_purchases")
+    assert (row["status"], row["payment_intent_id"]) == (PurchaseStatus.ABANDONED, None)
+    replay = await buy(client, "u1", "stalled")
+    assert replay.status_code == 409 and replay.json()["type"] == "purchase-abandoned"
