@@ -25,9 +25,7 @@ async def database_ready(services: Services) -> bool:
 
 
 async def observe_queues(services: Services) -> None:
-    """Set the backlog gauges and the jobs' last successes from the database; a database that does not
-    answer leaves them as they were (a last success stays the last one known, so /metrics still answers
-    and a stale job still shows)."""
+    """Set the backlog gauges from the database; a database that does not answer leaves them as they were."""
     try:
         async with services.sessions() as session:
             conn = await session.connection()
@@ -36,7 +34,6 @@ async def observe_queues(services: Services) -> None:
             depth, oldest, held = await notifications.backlog(conn)
             retries = await failures.backlog(conn)
             by_kind = await failures.counts(conn)
-            succeeded = await jobs.last_successes(conn)
     except Exception:
         return
     for queue, (count, since) in {
@@ -49,5 +46,15 @@ async def observe_queues(services: Services) -> None:
     EMAILS_HELD.set(held)
     for (kind, status), n in by_kind.items():
         FAILED_OPERATIONS.labels(kind, status).set(n)
+
+
+async def observe_jobs(services: Services) -> None:
+    """Set each job's last success from job_runs: any replica, after any restart, says the same. A
+    database that does not answer leaves the figures as they were (the last ones known)."""
+    try:
+        async with services.sessions() as session:
+            succeeded = await jobs.last_successes(await session.connection())
+    except Exception:
+        return
     for job, at in succeeded.items():
         JOB_LAST_SUCCESS.labels(job).set(at.timestamp())

@@ -168,7 +168,8 @@ def describe(exc: BaseException) -> str:
     """One line about a failure: the driver's message for a database error (SQLAlchemy's own text
     carries the statement and its parameters), the detail of a typed error."""
     if isinstance(exc, DBAPIError):
-        return f"{type(exc.orig).__name__}: {exc.orig}".splitlines()[0]
+        driver = exc.orig.__cause__ or exc.orig  # asyncpg's own error, named after its SQLSTATE
+        return f"{type(driver).__name__}: {driver}".splitlines()[0]
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 

@@ -7,14 +7,20 @@ injected), runs the job, and asserts on the rows, the run records, the API and /
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.credits.models import PurchaseStatus
 from app.idempotency.models import RecoveryPoint
 from app.jobs.models import JobName, RunOutcome
+from app.main import create_app
+from app.observability.metrics import JOB_LAST_SUCCESS
 from app.payments.gateway import PaymentGateway, PaymentIntent
 from app.webhooks.models import EventStatus
 from tests.fixtures.app import ADMIN, AppFactory, Client, auth
@@ -39,7 +45,7 @@ async def buy(client: Client, user: str, key: str) -> Any:
 
 async def runs(db: asyncpg.Connection, job: JobName) -> list[tuple[str, Any, str | None]]:
     rows = await db.fetch("SELECT outcome, counts, error FROM job_runs WHERE job = $1 ORDER BY id", job)
-    return [(r["outcome"], r["counts"], r["error"]) for r in rows]
+    return [(r["outcome"], json.loads(r["counts"]), r["error"]) for r in rows]
 
 
 # --- locking and run records --------------------------------------------------------------
@@ -344,3 +350,179 @@ async def test_a_request_stalled_past_its_lock_timeout_loses_to_the_cleanup_and_
     assert (row["status"], row["payment_intent_id"]) == (PurchaseStatus.ABANDONED, None)
     replay = await buy(client, "u1", "stalled")
     assert replay.status_code == 409 and replay.json()["type"] == "purchase-abandoned"
+
+
+# --- health ----------------------------------------------------------------------------------
+
+
+async def _seed_window(
+    db: asyncpg.Connection, at: datetime, purchases: list[str], events: list[str], emails: list[str]
+) -> None:
+    """Purchases, events and emails with these statuses, all made at `at`."""
+    await db.execute(
+        "INSERT INTO credit_purchases (user_id, idempotency_key_id, package_id, credits, amount, currency,"
+        " status, stripe_idempotency_key, created_at)"
+        " SELECT 'u1', nextval('credit_purchases_id_seq') + 1000000, 'starter', 100, 1000, 'usd', s,"
+        " 'seed-' || gen_random_uuid(), $2 FROM unnest($1::text[]) AS s",
+        purchases,
+        at,
+    )
+    await db.execute(
+        "INSERT INTO webhook_events (event_id, type, object_id, stripe_created, payload, status, attempts,"
+        " received_at) SELECT 'evt_seed_' || gen_random_uuid(), 'payment_intent.succeeded', 'pi_seed', $2, '{}',"
+        " s, 1, $2 FROM unnest($1::text[]) AS s",
+        events,
+        at,
+    )
+    await db.execute(
+        "INSERT INTO outbox_emails (kind, user_id, recipient, payload, status, trace_context, created_at)"
+        " SELECT 'lead_purchased', 'u1', 'u1@example.com', '{}', s, '{}', $2 FROM unnest($1::text[]) AS s",
+        emails,
+        at,
+    )
+
+
+async def test_health_writes_failure_rates_and_alerts_and_the_api_shows_them(
+    client: Client, db: asyncpg.Connection
+) -> None:
+    now: datetime = await db.fetchval("SELECT date_trunc('second', now())")
+    # in the last hour: purchases 2 of 20 failed or abandoned (10 % > 5 %), events 1 of 20 dead
+    # (5 %, not above 5 %), emails 2 of 10 failed or dead (20 % > 10 %)
+    await _seed_window(
+        db,
+        now - timedelta(minutes=30),
+        ["succeeded"] * 15 + ["pending"] * 3 + ["failed", "abandoned"],
+        ["handled"] * 18 + ["ignored", "dead"],
+        ["sent"] * 7 + ["held", "failed", "dead"],
+    )
+    # before the window: all failures, none of which count
+    await _seed_window(db, now - timedelta(hours=2), ["failed"] * 5, ["dead"] * 5, ["dead"] * 5)
+
+    result = await run(client, JobName.HEALTH, now=now)
+
+    assert result.outcome == RunOutcome.SUCCEEDED, result.error
+    assert result.counts == {"metrics": 3, "alerts_open": 2, "alerts_opened": 2, "alerts_resolved": 0}
+    figures = {
+        r["metric"]: (r["total"], r["failed"], r["failure_rate"])
+        for r in await db.fetch("SELECT metric, total, failed, failure_rate FROM platform_metrics")
+    }
+    assert figures == {"purchases": (20, 2, 0.1), "webhooks": (20, 1, 0.05), "emails": (10, 2, 0.2)}
+    health = (await client.get("/admin/operations-health", headers=ADMIN_AUTH)).json()
+    assert health["measured_at"].startswith(now.isoformat()[:19])
+    shown = {m["metric"]: (m["total"], m["failed"], m["breached"]) for m in health["metrics"]}
+    assert shown == {"purchases": (20, 2, True), "webhooks": (20, 1, False), "emails": (10, 2, True)}
+    assert [(a["metric"], a["failed"], a["total"]) for a in health["open_alerts"]] == [
+        ("purchases", 2, 20),
+        ("emails", 2, 10),
+    ]
+    assert "10.0%" in health["open_alerts"][0]["message"]
+
+    # the same window again changes nothing: one row per metric and window, one open alert per metric
+    again = await run(client, JobName.HEALTH, now=now)
+    assert again.counts == {"metrics": 3, "alerts_open": 2, "alerts_opened": 0, "alerts_resolved": 0}
+    assert await db.fetchval("SELECT count(*) FROM platform_metrics") == 3
+    assert await db.fetchval("SELECT count(*) FROM platform_alerts") == 2
+
+    # an hour later nothing failed: the alerts are resolved, and the API shows none open
+    later = await run(client, JobName.HEALTH, now=now + timedelta(hours=1))
+    assert later.counts["alerts_resolved"] == 2
+    health = (await client.get("/admin/operations-health", headers=ADMIN_AUTH)).json()
+    assert health["open_alerts"] == []
+    assert {m["metric"]: m["total"] for m in health["metrics"]} == {
+        "purchases": 0,
+        "webhooks": 0,
+        "emails": 0,
+    }
+
+
+async def test_health_alerts_only_with_enough_samples(
+    make_client: AppFactory, db: asyncpg.Connection
+) -> None:
+    client = await make_client(health_min_samples=5)
+    now: datetime = await db.fetchval("SELECT now()")
+    await _seed_window(db, now - timedelta(minutes=1), ["failed"] * 4, ["dead"] * 5, [])
+    result = await run(client, JobName.HEALTH, now=now)
+    assert result.counts["alerts_open"] == 1  # the webhooks: 5 samples; the purchases had 4
+    assert await db.fetchval("SELECT array_agg(metric) FROM platform_alerts") == ["webhooks"]
+
+
+def _gauge(text: str, job: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "payguard_job_last_success_timestamp_seconds" and sample.labels == {"job": job}:
+                return float(sample.value)
+    return None
+
+
+async def test_the_last_success_of_each_job_is_on_metrics_from_the_database(
+    make_client: AppFactory, client: Client, db: asyncpg.Connection
+) -> None:
+    await run(client, JobName.HEALTH)
+    finished: datetime = await db.fetchval("SELECT finished_at FROM job_runs WHERE job = 'health'")
+    # another replica, or this one after a restart: the figure comes from job_runs at the scrape
+    JOB_LAST_SUCCESS.clear()
+    replica = await make_client()
+    scraped = (await replica.get("/metrics")).text
+    assert _gauge(scraped, "health") == pytest.approx(finished.timestamp())
+    assert _gauge(scraped, "cleanup") is None  # never succeeded
+    # a failed run is not a success: the figure stays
+    await db.execute("UPDATE job_runs SET finished_at = finished_at - interval '1 hour'")
+    await db.execute("ALTER TABLE platform_metrics RENAME TO platform_metrics_gone")
+    assert (await run(client, JobName.HEALTH)).outcome == RunOutcome.FAILED
+    scraped = (await replica.get("/metrics")).text
+    assert _gauge(scraped, "health") == pytest.approx(finished.timestamp() - 3600)
+    # the database unreachable at a scrape: /metrics still answers, with the last figures it knew
+    dead = Client(
+        create_app(client.app.state.services.settings, "postgresql+asyncpg://postgres@/x?host=/nonexistent")
+    )
+    answer = await dead.get("/metrics")
+    assert answer.status_code == 200
+    assert _gauge(answer.text, "health") == pytest.approx(finished.timestamp() - 3600)
+    await dead.aclose()
+
+
+async def test_a_failing_step_is_recorded_with_its_error_and_the_others_still_run(
+    client: Client, db: asyncpg.Connection
+) -> None:
+    await db.execute(
+        "INSERT INTO rate_limits (key, tat) VALUES ('credit_purchase:u1', now() - interval '1 minute')"
+    )
+    await db.execute("ALTER TABLE webhook_events RENAME TO webhook_events_gone")  # a database error
+    result = await run(client, JobName.CLEANUP)
+    assert result.outcome == RunOutcome.FAILED
+    assert result.error is not None and result.error.startswith("webhook_events: UndefinedTableError")
+    assert "webhook_events" not in result.counts
+    assert result.counts["rate_limit_buckets"] == 1  # the other steps did their work
+    assert await runs(db, JobName.CLEANUP) == [(RunOutcome.FAILED, result.counts, result.error)]
+
+
+# --- GET /admin/jobs/runs -------------------------------------------------------------------
+
+
+async def test_job_runs_are_listed_newest_first_in_pages_for_admins_only(
+    client: Client, db: asyncpg.Connection
+) -> None:
+    for _ in range(3):
+        await run(client, JobName.CLEANUP)
+    await run(client, JobName.HEALTH)
+    first = await client.get("/admin/jobs/runs", params={"limit": 2}, headers=ADMIN_AUTH)
+    assert first.status_code == 200
+    body = first.json()
+    assert [r["job"] for r in body["items"]] == ["health", "cleanup"]
+    assert set(body["items"][0]) == {"id", "job", "started_at", "finished_at", "outcome", "counts", "error"}
+    assert body["items"][0]["outcome"] == "succeeded" and body["items"][0]["counts"]["metrics"] == 3
+    second = await client.get(
+        "/admin/jobs/runs", params={"limit": 2, "cursor": body["next_cursor"]}, headers=ADMIN_AUTH
+    )
+    assert [r["job"] for r in second.json()["items"]] == ["cleanup", "cleanup"]
+    assert second.json()["next_cursor"] is None
+    ids = [r["id"] for r in body["items"] + second.json()["items"]]
+    assert ids == sorted(ids, reverse=True)
+    only = await client.get("/admin/jobs/runs", params={"job": "health"}, headers=ADMIN_AUTH)
+    assert [r["job"] for r in only.json()["items"]] == ["health"]
+    assert (
+        await client.get("/admin/jobs/runs", params={"job": "vacuum"}, headers=ADMIN_AUTH)
+    ).status_code == 400
+    for path in ("/admin/jobs/runs", "/admin/operations-health"):
+        assert (await client.get(path)).status_code == 401
+        assert (await client.get(path, headers=auth("u1"))).status_code == 403
