@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.credits.models import PurchaseStatus
@@ -33,7 +34,8 @@ from tests.fixtures.jobs import (
     start_cli,
 )
 from tests.fixtures.stripe import FakeStripe
-from tests.fixtures.worker import wait_until
+from tests.fixtures.webhooks import deliver
+from tests.fixtures.worker import running_worker, until_settled, wait_until
 
 ADMIN_AUTH = auth(ADMIN, admin=True)
 PURCHASE = "/v1/credits/purchases"
@@ -526,3 +528,168 @@ async def test_job_runs_are_listed_newest_first_in_pages_for_admins_only(
     for path in ("/admin/jobs/runs", "/admin/operations-health"):
         assert (await client.get(path)).status_code == 401
         assert (await client.get(path, headers=auth("u1"))).status_code == 403
+
+
+# --- reconcile -------------------------------------------------------------------------------
+
+
+async def _balance(client: Client, user: str) -> int:
+    balance: int = (await client.get("/v1/credits/balance", headers=auth(user))).json()["balance"]
+    return balance
+
+
+async def _bought(client: Client, user: str, key: str) -> str:
+    r = await buy(client, user, key)
+    assert r.status_code == 201, r.text
+    intent: str = r.json()["payment_intent_id"]
+    return intent
+
+
+def _missed(source: str) -> float:
+    return REGISTRY.get_sample_value("payguard_reconcile_missed_events_total", {"source": source}) or 0.0
+
+
+async def test_an_event_stripe_never_delivered_is_found_and_credited_once(
+    client: Client, stripe: FakeStripe, db: asyncpg.Connection
+) -> None:
+    intent = await _bought(client, "u1", "never-delivered")
+    event = stripe.settle(intent)  # paid at Stripe; its webhook never reaches us
+    before = _missed("events")
+
+    first = await run(client, JobName.RECONCILE)
+
+    assert first.outcome == RunOutcome.SUCCEEDED, first.error
+    assert first.counts["events_listed"] == 1 and first.counts["events_missed"] == 1
+    assert _missed("events") - before == 1
+    # it went through the ingest path: the same row a delivery makes, waiting for the worker
+    row = await db.fetchrow("SELECT event_id, object_id, status FROM webhook_events")
+    assert (row["event_id"], row["object_id"], row["status"]) == (event["id"], intent, EventStatus.PENDING)
+    async with running_worker(client):
+        await until_settled(db)
+        # run again, and the late webhook arrives too: nothing more is stored, nothing more granted
+        again = await run(client, JobName.RECONCILE)
+        late = await deliver(client, event)
+        assert late.json() == {"received": True, "duplicate": True}
+        await until_settled(db)
+    assert again.counts["events_missed"] == 0 and again.counts["intents_missed"] == 0
+    assert await _balance(client, "u1") == 100
+    assert await db.fetchval("SELECT count(*) FROM credit_ledger") == 1
+    assert await db.fetchval("SELECT status FROM credit_purchases") == PurchaseStatus.SUCCEEDED
+
+
+async def test_a_pending_intent_settled_at_stripe_is_credited_once_even_with_its_late_webhook(
+    client: Client, stripe: FakeStripe, db: asyncpg.Connection
+) -> None:
+    paid = await _bought(client, "u1", "paid")
+    canceled = await _bought(client, "u2", "canceled")
+    waiting = await _bought(client, "u3", "still-open")  # nobody paid yet: nothing to do
+    young = await _bought(client, "u4", "young")  # within the grace period: its webhook may come
+    await db.execute(
+        "UPDATE credit_purchases SET created_at = now() - interval '1 hour' WHERE payment_intent_id <> $1",
+        young,
+    )
+    now: datetime = await db.fetchval("SELECT now()")
+    # settled before the watermark: Stripe's event list, from there on, does not have them
+    await db.execute("INSERT INTO job_watermarks (job, watermark) VALUES ('reconcile', $1)", now)
+    paid_event = stripe.settle(paid, created=int(now.timestamp()) - 600)
+    stripe.settle(canceled, "canceled", created=int(now.timestamp()) - 600)
+    stripe.settle(young, created=int(now.timestamp()) - 600)
+    before = _missed("intents")
+
+    first = await run(client, JobName.RECONCILE)
+
+    assert first.counts == {
+        "events_listed": 0,
+        "events_missed": 0,
+        "watermark_clamped": 0,
+        "intents_checked": 3,
+        "intents_missed": 2,
+    }
+    assert _missed("intents") - before == 2
+    stored = {r["event_id"]: r["type"] for r in await db.fetch("SELECT event_id, type FROM webhook_events")}
+    assert stored == {
+        f"reconcile:{paid}:payment_intent.succeeded": "payment_intent.succeeded",
+        f"reconcile:{canceled}:payment_intent.canceled": "payment_intent.canceled",
+    }
+    second = await run(client, JobName.RECONCILE)  # before the worker ran: the same events, not again
+    assert second.counts["intents_missed"] == 0
+    async with running_worker(client):
+        await until_settled(db)
+        assert (await deliver(client, paid_event)).json()["duplicate"] is False  # the real one, late
+        await until_settled(db)
+    assert await _balance(client, "u1") == 100
+    assert await db.fetchval("SELECT count(*) FROM credit_ledger") == 1
+    statuses = dict(await db.fetch("SELECT payment_intent_id, status FROM credit_purchases"))
+    assert statuses == {
+        paid: PurchaseStatus.SUCCEEDED,
+        canceled: PurchaseStatus.FAILED,
+        waiting: PurchaseStatus.PENDING,
+        young: PurchaseStatus.PENDING,
+    }
+    assert await db.fetchval("SELECT count(*) FROM webhook_events WHERE status = 'handled'") == 3
+
+
+async def test_events_older_than_stripe_keeps_are_never_asked_for(
+    client: Client, stripe: FakeStripe, db: asyncpg.Connection
+) -> None:
+    intent = await _bought(client, "u1", "long-ago")
+    now: datetime = await db.fetchval("SELECT now()")
+    await db.execute(
+        "INSERT INTO job_watermarks (job, watermark) VALUES ('reconcile', $1)", now - timedelta(days=40)
+    )
+    stripe.settle(intent, created=int((now - timedelta(days=35)).timestamp()))
+
+    result = await run(client, JobName.RECONCILE)
+
+    assert result.counts["watermark_clamped"] == 1 and result.counts["events_listed"] == 0
+    (query,) = stripe.event_list_requests
+    asked = dict(query)
+    thirty_days_ago = (now - timedelta(days=30)).timestamp()
+    assert thirty_days_ago - 5 <= int(asked["created[gte]"]) <= thirty_days_ago + 5
+    assert sorted(v for k, v in query if k.startswith("types[")) == sorted(
+        [
+            "payment_intent.succeeded",
+            "payment_intent.payment_failed",
+            "payment_intent.canceled",
+            "charge.refunded",
+        ]
+    )
+    assert asked["limit"] == "100"
+    watermark: datetime = await db.fetchval("SELECT watermark FROM job_watermarks")
+    assert now - timedelta(minutes=6) < watermark < now  # this run's start, less the overlap
+
+
+async def test_stripe_events_are_listed_page_by_page_and_the_watermark_moves_on(
+    make_client: AppFactory, stripe: FakeStripe, db: asyncpg.Connection
+) -> None:
+    client = await make_client(reconcile_page_size=3)
+    intents = [await _bought(client, f"u{i}", f"k{i}") for i in range(7)]
+    for intent in intents:
+        stripe.settle(intent)
+    result = await run(client, JobName.RECONCILE)
+    assert result.counts["events_listed"] == 7 and result.counts["events_missed"] == 7
+    assert [dict(q)["limit"] for q in stripe.event_list_requests] == ["3", "3", "3"]
+    assert [("starting_after" in dict(q)) for q in stripe.event_list_requests] == [False, True, True]
+    assert await db.fetchval("SELECT count(*) FROM webhook_events") == 7
+    # the next run lists from where this one started (less the overlap), not from 30 days back
+    first_since = int(dict(stripe.event_list_requests[0])["created[gte]"])
+    await run(client, JobName.RECONCILE)
+    assert int(dict(stripe.event_list_requests[-1])["created[gte]"]) > first_since + 29 * 86_400
+
+
+async def test_reconcile_with_stripe_down_fails_keeps_its_watermark_and_exits_non_zero(
+    db_url: str, client: Client, stripe: FakeStripe, db: asyncpg.Connection
+) -> None:
+    watermark: datetime = await db.fetchval("SELECT now() - interval '1 hour'")
+    await db.execute("INSERT INTO job_watermarks (job, watermark) VALUES ('reconcile', $1)", watermark)
+    stripe.unavailable = True
+    proc = start_cli(
+        db_url, JobName.RECONCILE, STRIPE_SECRET_KEY="sk_test_payguard", STRIPE_API_BASE=stripe.url
+    )
+    code, record, log = await asyncio.to_thread(finish_cli, proc)
+    assert code == 1, log
+    assert record["outcome"] == RunOutcome.FAILED
+    assert record["error"].startswith("events: PaymentProviderError: Stripe did not list its events")
+    assert "Traceback" not in log
+    assert await runs(db, JobName.RECONCILE) == [(RunOutcome.FAILED, record["counts"], record["error"])]
+    assert await db.fetchval("SELECT watermark FROM job_watermarks") == watermark
