@@ -37,6 +37,9 @@ TABLES = (
     "lead_purchases",
     "outbox_emails",
     "rate_limits",
+    "job_runs",
+    "platform_metrics",
+    "platform_alerts",
 )
 BUSINESS_TABLES = tuple(t for t in TABLES if t not in ("idempotency_keys", "rate_limits"))
 
@@ -134,12 +137,14 @@ ENDPOINTS = {
     "leads": Req("GET", "/v1/leads"),
     "purchased-leads": Req("GET", "/v1/leads/purchased"),
     "lead-purchase": Req("POST", "/v1/leads/{lead}/purchase"),
+    "job-runs": Req("GET", "/admin/jobs/runs"),
+    "operations-health": Req("GET", "/admin/operations-health"),
 }
 BODY_ENDPOINTS = ("credit-purchase", "grant", "create-lead")
 KEYED_ENDPOINTS = ("credit-purchase", "grant", "create-lead", "lead-purchase")
 KEY_REQUIRED = ("credit-purchase", "grant", "lead-purchase")
-PAGED_ENDPOINTS = ("ledger", "leads", "purchased-leads")
-ADMIN_ENDPOINTS = ("grant", "create-lead")
+PAGED_ENDPOINTS = ("ledger", "leads", "purchased-leads", "job-runs")
+ADMIN_ENDPOINTS = ("grant", "create-lead", "job-runs", "operations-health")
 
 
 # --- state and assertions -------------------------------------------------------------------
@@ -425,6 +430,21 @@ QUERY_CASES = [
         )
         for name in PAGED_ENDPOINTS
         for label, value in BAD_LIMITS.items()
+    ],
+    *[
+        case(
+            f"job-runs-job-{label}",
+            replace(ENDPOINTS["job-runs"], params={"job": value}),
+            400,
+            "validation-error",
+        )
+        for label, value in {
+            "unknown": "vacuum",
+            "capitalised": "Cleanup",
+            "sql": SQL,
+            "empty": "",
+            "nul": "\x00",
+        }.items()
     ],
 ]
 

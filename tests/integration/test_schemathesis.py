@@ -71,6 +71,8 @@ OPERATIONS = [
     ("POST", "/admin/failed-operations/{op_id}/retry"),
     ("POST", "/admin/failed-operations/{op_id}/discard"),
     ("POST", "/admin/webhooks/replay"),
+    ("GET", "/admin/jobs/runs"),
+    ("GET", "/admin/operations-health"),
 ]
 # the webhook takes no bearer token and no schema'd body, only signed bytes: its hostile bodies are
 # in test_webhook_ingest.py (every body signed, any JSON at all) and its header in test_signature.py
