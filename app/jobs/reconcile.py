@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import time
+from contextlib import aclosing
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -68,12 +69,14 @@ async def list_missed_events(context: JobContext) -> Counts:
         since = oldest
     listed = missed = 0
     writer = EventWriter(services.engine)
+    pages = services.payments.list_events(
+        created_gte=int(since.timestamp()), types=HANDLED_TYPES, page_size=settings.reconcile_page_size
+    )
     try:
-        async for page in services.payments.list_events(
-            created_gte=int(since.timestamp()), types=HANDLED_TYPES, page_size=settings.reconcile_page_size
-        ):
-            listed += len(page)
-            missed += await _store(writer, page)
+        async with aclosing(pages):  # a page that fails to store stops the listing at once
+            async for page in pages:
+                listed += len(page)
+                missed += await _store(writer, page)
     finally:
         await writer.close()
     RECONCILE_MISSED.labels(MissedSource.EVENTS).inc(missed)

@@ -168,7 +168,8 @@ def describe(exc: BaseException) -> str:
     """One line about a failure: the driver's message for a database error (SQLAlchemy's own text
     carries the statement and its parameters), the detail of a typed error."""
     if isinstance(exc, DBAPIError):
-        driver = exc.orig.__cause__ or exc.orig  # asyncpg's own error, named after its SQLSTATE
+        # asyncpg's own error, named after its SQLSTATE, under SQLAlchemy's DBAPI wrapper
+        driver: BaseException = (exc.orig.__cause__ if exc.orig is not None else None) or exc.orig or exc
         return f"{type(driver).__name__}: {driver}".splitlines()[0]
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
 

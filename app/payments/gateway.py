@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import msgspec
@@ -96,7 +96,7 @@ class PaymentGateway:
 
     async def list_events(
         self, *, created_gte: int, types: Sequence[str], page_size: int
-    ) -> AsyncIterator[list[dict[str, Any]]]:
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
         """Stripe's events created at or after `created_gte` (Unix seconds) of these types, newest
         first as Stripe lists them, in pages of at most `page_size` (the SDK's auto-paging)."""
         client = self.require()
