@@ -1,4 +1,4 @@
-"""payguard serve | worker | migrate | token (operator, jobs and demo arrive with their issues)."""
+"""payguard serve | worker | jobs | migrate | token (operator and demo arrive with their issues)."""
 
 from __future__ import annotations
 
@@ -163,6 +163,39 @@ def worker(settings: Settings, args: argparse.Namespace) -> None:
         # the loop serve runs on too: its socket I/O is most of the worker's CPU (docs/performance.md)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:
             loop_runner.run(run(url))
+
+
+def jobs(settings: Settings, args: argparse.Namespace) -> None:
+    """Run one job once (a CronJob's command); the run record is printed as JSON. Exit 1 if it failed."""
+    import asyncio
+
+    import msgspec
+
+    from app.db.engine import create_engine
+    from app.db.migrate import upgrade
+    from app.jobs.models import JobName, RunOutcome
+    from app.jobs.registry import JOBS
+    from app.jobs.service import run_job
+    from app.main import build_services
+
+    name = JobName(args.name)
+    if name == JobName.RECONCILE and not settings.stripe_secret_key:
+        raise ConfigError("STRIPE_SECRET_KEY is not set: there is no Stripe account to reconcile with")
+
+    async def run(url: str) -> RunOutcome:
+        engine = create_engine(settings, url)
+        try:
+            record = await run_job(build_services(settings, engine), JOBS[name])
+        finally:
+            await engine.dispose()
+        print(msgspec.json.encode(record).decode(), flush=True)
+        return RunOutcome(record.outcome)
+
+    with database(settings) as url:
+        upgrade(url)
+        outcome = asyncio.run(run(url))
+    if outcome == RunOutcome.FAILED:
+        raise SystemExit(1)
 
 
 def send_test_event(settings: Settings, args: argparse.Namespace) -> None:
@@ -342,6 +375,16 @@ def parser() -> argparse.ArgumentParser:
         "--metrics-port", type=_port_or_off, default=9100, help="port of /metrics, 0 for none (default 9100)"
     )
     w.set_defaults(run=worker)
+    j = command(
+        "jobs",
+        "run one job once and print its run record: cleanup (every 5 min), health (hourly) or reconcile"
+        " (every 10 min); a second run while one holds the job's lock does nothing and exits 0",
+        database,
+        data_dir,
+        "  STRIPE_SECRET_KEY    reconcile asks this Stripe account",
+    )
+    j.add_argument("name", choices=["cleanup", "health", "reconcile"], help="the job to run")
+    j.set_defaults(run=jobs)
     e = command(
         "send-test-event",
         "sign a PaymentIntent event with the webhook secret and POST it to payguard (development aid)",

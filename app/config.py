@@ -22,6 +22,8 @@ Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86_400)]  # also refuses nan and inf
 Milliseconds = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]  # PostgreSQL's timeouts are int4
 BigPositive = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]  # fits a BIGINT column
+Retention = Annotated[int, msgspec.Meta(ge=60, le=10 * 365 * 86_400)]  # seconds, a minute to ten years
+Rate = Annotated[float, msgspec.Meta(ge=0, le=1)]  # a share: 0.05 is 5 %
 
 
 class CreditPackage(msgspec.Struct, frozen=True):
@@ -102,6 +104,29 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     # idempotency keys
     idempotency_lock_timeout_s: Seconds = 90.0  # a crashed request's lock becomes takeable
+    # at least as long as Stripe keeps its own keys (24 h): a client's retry within it is a replay
+    idempotency_retention_s: Annotated[int, msgspec.Meta(ge=86_400, le=10 * 365 * 86_400)] = 86_400
+
+    # the jobs (`payguard jobs NAME`, CronJobs; inside `serve` too unless run_jobs is off)
+    run_jobs: bool = True
+    jobs_batch_size: Positive = 1_000  # rows per statement and transaction, so no job holds locks long
+    cleanup_interval_s: Seconds = 300.0  # how often `serve` runs each job in-process
+    health_interval_s: Seconds = 3_600.0
+    reconcile_interval_s: Seconds = 600.0
+    webhook_event_retention_s: Retention = 30 * 86_400  # handled and ignored events; never unfinished ones
+    job_run_retention_s: Retention = 30 * 86_400
+    health_retention_s: Retention = 90 * 86_400  # platform metrics, and alerts once resolved
+    # the health job: failure rates over a window, an alert above a threshold once enough happened
+    health_window_s: Seconds = 3_600.0
+    health_min_samples: Positive = 10  # fewer purchases (events, emails) in the window: no alert
+    purchase_failure_alert_rate: Rate = 0.05
+    webhook_failure_alert_rate: Rate = 0.05
+    email_failure_alert_rate: Rate = 0.10
+    # reconciliation with Stripe
+    reconcile_grace_s: Seconds = 900.0  # a pending intent younger than this may still get its webhook
+    reconcile_intent_max_age_s: Retention = 7 * 86_400  # older pending intents are left to the event list
+    reconcile_overlap_s: Seconds = 300.0  # each listing starts this long before the last one did
+    reconcile_page_size: Annotated[int, msgspec.Meta(ge=1, le=100)] = 100  # Stripe's list limit is 100
 
     # HTTP
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

@@ -24,6 +24,8 @@ from app.http import (
     provide_caller,
     refuse_oversized_headers,
 )
+from app.jobs.routes import JobsController
+from app.jobs.scheduler import JobScheduler
 from app.leads.routes import LeadsAdminController, LeadsController
 from app.observability.http import observe_requests
 from app.payments.gateway import PaymentGateway
@@ -49,15 +51,19 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
     engine = create_engine(settings, database_url)
     services = build_services(settings, engine)
     worker = Worker(services, engine)
+    jobs = JobScheduler(services)
     events = EventWriter(engine)
     running: list[asyncio.Task[None]] = []
 
-    async def start_worker() -> None:
+    async def start_worker_and_jobs() -> None:
         if settings.run_worker:  # off where a worker Deployment runs it
             running.append(asyncio.create_task(worker.run()))
+        if settings.run_jobs:  # off where CronJobs run them
+            jobs.start()
 
     async def stop_worker_then_engine() -> None:
         worker.stop()
+        await jobs.stop()
         await asyncio.gather(*running)
         await events.close()
         await engine.dispose()
@@ -74,6 +80,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             ReservationsAdminController,
             FailedOperationsController,
             ReplayController,
+            JobsController,
             WEBHOOK_ROUTES,
         ],
         dependencies={
@@ -84,7 +91,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,
         request_class=PayguardRequest,
-        on_startup=[start_worker],
+        on_startup=[start_worker_and_jobs],
         on_shutdown=[stop_worker_then_engine],
         openapi_config=OpenAPIConfig(
             title="payguard",

@@ -105,6 +105,7 @@ def settings_for(db_url: str, stripe: FakeStripe) -> Callable[..., Settings]:
             "stripe_max_network_retries": 0,
             "stripe_webhook_secrets": (WEBHOOK_SECRET,),
             "run_worker": False,  # tests that want the worker run it themselves
+            "run_jobs": False,  # and the jobs
             "log_level": "WARNING",
         }
         values.update(overrides)

@@ -1,7 +1,7 @@
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, CheckConstraint, DateTime, Index, String, func
+from sqlalchemy import BigInteger, CheckConstraint, DateTime, Index, String, func, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, one_of
@@ -55,6 +55,11 @@ class CreditPurchase(Base):
         CheckConstraint("credits_reversed BETWEEN 0 AND credits", name="reversed_within_credits"),
         CheckConstraint(one_of("status", PurchaseStatus), name="status_known"),
         Index("ix_credit_purchases_user_id", "user_id"),
+        # the jobs: pending purchases (cleanup's abandoned ones, reconcile's intents), and by age (health)
+        Index(
+            "ix_credit_purchases_pending", "id", postgresql_where=text(f"status = '{PurchaseStatus.PENDING}'")
+        ),
+        Index("ix_credit_purchases_created_at", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

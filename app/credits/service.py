@@ -11,6 +11,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -45,6 +46,12 @@ PURCHASE_METADATA = "payguard_credit_purchase_id"  # on every intent we create; 
 
 class InsufficientCredits(ServiceError):
     status, type, title = 402, "insufficient-credits", "Not enough credits"
+
+
+class PurchaseAbandoned(ServiceError):
+    """What a retry of a purchase's key hears once the cleanup job abandoned the purchase."""
+
+    status, type, title = 409, "purchase-abandoned", "Purchase abandoned"
 
 
 def list_packages(services: Services) -> list[Package]:
@@ -467,3 +474,83 @@ async def list_ledger(services: Services, user_id: str, cursor: str | None, limi
         items=[LedgerItem(e.id, e.delta, e.reason, e.reference, e.created_at) for e in items],
         next_cursor=next_cursor,
     )
+
+
+# pending purchases are found through their partial index (the status inlined so a generic plan can use it)
+_DEAD_CANDIDATES = text(
+    f"SELECT id, idempotency_key_id FROM credit_purchases WHERE status = '{PurchaseStatus.PENDING}'"  # noqa: S608
+    " AND payment_intent_id IS NULL AND id > :after"
+    " AND created_at < now() - make_interval(secs => :timeout) ORDER BY id LIMIT :limit"
+)
+_ABANDON = text(
+    "UPDATE credit_purchases SET status = :abandoned, updated_at = now()"
+    " WHERE idempotency_key_id = ANY(CAST(:keys AS bigint[])) AND status = :pending"
+    " AND payment_intent_id IS NULL"
+)
+
+
+async def abandon_dead_purchases(services: Services, *, after: int, limit: int) -> tuple[int, int | None]:
+    """One batch of purchases whose request died before an intent was recorded become `abandoned`.
+
+    No money moved: without a recorded intent the client never got a client secret to pay with.
+    Only a purchase whose key no request can run again is abandoned (idempotency's
+    close_dead_requests: no live lock and no run within the lock timeout, or the key pruned). That
+    key is taken over, its fencing token bumped, and `purchase-abandoned` stored as its answer, in
+    this transaction and before the purchase row, the order the phases lock them in: a slow request
+    that wakes commits nothing, and a retry with the key replays the answer instead of making an
+    intent. Returns (how many were abandoned, the next batch's cursor or None after the last).
+    """
+    timeout_s = services.settings.idempotency_lock_timeout_s
+    async with services.sessions() as session, session.begin():
+        conn = await session.connection()
+        params = {"after": after, "timeout": timeout_s, "limit": limit}
+        rows = (await conn.execute(_DEAD_CANDIDATES, params)).all()
+        if not rows:
+            return 0, None
+        answer = PurchaseAbandoned(
+            "this purchase was abandoned before a payment was created: no money moved."
+            " Start a new purchase with a new Idempotency-Key"
+        )
+        dead = await keys.close_dead_requests(conn, [r.idempotency_key_id for r in rows], timeout_s, answer)
+        result = await conn.execute(
+            _ABANDON,
+            {"keys": list(dead), "abandoned": PurchaseStatus.ABANDONED, "pending": PurchaseStatus.PENDING},
+        )
+    return int(result.rowcount), (rows[-1].id if len(rows) == limit else None)
+
+
+_PENDING_INTENTS = text(
+    f"SELECT id, payment_intent_id FROM credit_purchases WHERE status = '{PurchaseStatus.PENDING}'"  # noqa: S608
+    " AND payment_intent_id IS NOT NULL AND id > :after"
+    " AND created_at < now() - make_interval(secs => :grace)"
+    " AND created_at >= now() - make_interval(secs => :max_age) ORDER BY id LIMIT :limit"
+)
+
+
+async def pending_intents(
+    services: Services, *, grace_s: float, max_age_s: int, after: int, limit: int
+) -> list[tuple[int, str]]:
+    """(purchase id, intent id) of purchases still pending, older than the grace and younger than
+    the max age, after the purchase id `after` (reconciliation asks Stripe about each)."""
+    params = {"grace": grace_s, "max_age": max_age_s, "after": after, "limit": limit}
+    async with services.sessions() as session:
+        rows = (await session.execute(_PENDING_INTENTS, params)).all()
+    return [(row.id, row.payment_intent_id) for row in rows]
+
+
+_OUTCOMES = text(
+    "SELECT count(*) AS total, count(*) FILTER (WHERE status IN (:failed, :abandoned)) AS failed"
+    " FROM credit_purchases WHERE created_at >= :start AND created_at < :end"
+)
+
+
+async def purchase_outcomes(conn: AsyncConnection, start: datetime, end: datetime) -> tuple[int, int]:
+    """Credit purchases made in [start, end): how many, and how many failed or were abandoned since."""
+    params = {
+        "start": start,
+        "end": end,
+        "failed": PurchaseStatus.FAILED,
+        "abandoned": PurchaseStatus.ABANDONED,
+    }
+    row = (await conn.execute(_OUTCOMES, params)).one()
+    return row.total, row.failed

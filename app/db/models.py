@@ -4,6 +4,7 @@ from app.credits import models as credits
 from app.db.base import Base
 from app.failures import models as failures
 from app.idempotency import models as idempotency
+from app.jobs import models as jobs
 from app.leads import models as leads
 from app.notifications import models as notifications
 from app.ratelimit import models as ratelimit
@@ -15,6 +16,7 @@ __all__ = [
     "credits",
     "failures",
     "idempotency",
+    "jobs",
     "leads",
     "metadata",
     "notifications",

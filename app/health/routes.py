@@ -30,6 +30,7 @@ async def ready(
 @get("/metrics", tags=["health"], include_in_schema=False)
 async def metrics(services: NamedDependency[Services]) -> Response[bytes]:
     await service.observe_queues(services)
+    await service.observe_jobs(services)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -1,8 +1,16 @@
 from sqlalchemy import text
 
 from app.failures import service as failures
+from app.jobs import service as jobs
 from app.notifications import service as notifications
-from app.observability.metrics import EMAILS_HELD, FAILED_OPERATIONS, QUEUE_DEPTH, QUEUE_OLDEST_AGE, Queue
+from app.observability.metrics import (
+    EMAILS_HELD,
+    FAILED_OPERATIONS,
+    JOB_LAST_SUCCESS,
+    QUEUE_DEPTH,
+    QUEUE_OLDEST_AGE,
+    Queue,
+)
 from app.services import Services
 from app.webhooks import service as webhooks
 
@@ -38,3 +46,15 @@ async def observe_queues(services: Services) -> None:
     EMAILS_HELD.set(held)
     for (kind, status), n in by_kind.items():
         FAILED_OPERATIONS.labels(kind, status).set(n)
+
+
+async def observe_jobs(services: Services) -> None:
+    """Set each job's last success from job_runs: any replica, after any restart, says the same. A
+    database that does not answer leaves the figures as they were (the last ones known)."""
+    try:
+        async with services.sessions() as session:
+            succeeded = await jobs.last_successes(await session.connection())
+    except Exception:
+        return
+    for job, at in succeeded.items():
+        JOB_LAST_SUCCESS.labels(job).set(at.timestamp())

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from sqlalchemy import CursorResult, bindparam, delete, func, select, text, update
+from sqlalchemy import CursorResult, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
@@ -320,9 +320,60 @@ async def _release(sessions: Sessions, key: Key) -> None:
         )
 
 
-async def prune_expired_keys(sessions: Sessions, retention_s: int) -> int:
-    """Delete keys older than the retention; returns how many went."""
-    cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, retention_s)
+_PRUNE_KEYS = text(
+    "DELETE FROM idempotency_keys WHERE id IN (SELECT id FROM idempotency_keys"
+    " WHERE created_at < now() - make_interval(secs => :retention)"
+    " ORDER BY created_at LIMIT :limit FOR UPDATE SKIP LOCKED)"
+)
+
+
+async def prune_expired_keys(sessions: Sessions, retention_s: int, *, limit: int) -> int:
+    """Delete up to `limit` keys older than the retention (one short transaction); returns how many went."""
     async with sessions() as session, session.begin():
-        result: CursorResult[Any] = await session.execute(delete(K).where(K.created_at < cutoff))  # type: ignore[assignment]
+        result: CursorResult[Any] = await session.execute(  # type: ignore[assignment]
+            _PRUNE_KEYS, {"retention": retention_s, "limit": limit}
+        )
         return result.rowcount
+
+
+# a key whose request is dead: no response stored, no live lock, and no run started within the lock
+# timeout (a request released after a 5xx is not running either); the takeover bumps the fencing
+# token as a retry's would, so the dead request, should it wake, commits nothing
+_CLOSE_DEAD = text(
+    "UPDATE idempotency_keys SET fencing_token = fencing_token + 1, locked_at = NULL,"
+    " recovery_point = :finished, response_status = :status, response_body = :body, last_run_at = now()"
+    " WHERE id = ANY(CAST(:ids AS bigint[])) AND response_status IS NULL"
+    " AND last_run_at < now() - make_interval(secs => :timeout)"
+    " AND (locked_at IS NULL OR locked_at < now() - make_interval(secs => :timeout))"
+    " RETURNING id"
+)
+_EXISTING = text("SELECT id FROM idempotency_keys WHERE id = ANY(CAST(:ids AS bigint[]))")
+
+
+async def close_dead_requests(
+    conn: AsyncConnection, key_ids: list[int], lock_timeout_s: float, answer: ServiceError
+) -> set[int]:
+    """Of `key_ids`, the keys no request can ever run again, in the caller's transaction.
+
+    A key whose request died (its lock stale, no run within the lock timeout) is taken over as a
+    retry would take it and finished with `answer` as its stored response: a later retry replays
+    that answer, and the dead request, should it wake, is fenced out. A key already pruned counts
+    too (ids are never reused). A key held by a live request, or finished, is left alone. Lock
+    keys before the rows their phases write, as the phases do.
+    """
+    closed = set(
+        (
+            await conn.execute(
+                _CLOSE_DEAD,
+                {
+                    "ids": key_ids,
+                    "timeout": lock_timeout_s,
+                    "finished": RecoveryPoint.FINISHED,
+                    "status": answer.status,
+                    "body": msgspec.json.encode(answer.problem()).decode(),
+                },
+            )
+        ).scalars()
+    )
+    existing = set((await conn.execute(_EXISTING, {"ids": key_ids})).scalars())
+    return closed | (set(key_ids) - existing)

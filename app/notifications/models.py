@@ -32,6 +32,7 @@ class OutboxEmail(Base):
                 f"status IN ('{EmailStatus.PENDING}', '{EmailStatus.HELD}', '{EmailStatus.FAILED}')"
             ),
         ),
+        Index("ix_outbox_emails_created_at", "created_at"),  # the health job's window
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

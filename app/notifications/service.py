@@ -74,3 +74,16 @@ async def backlog(conn: AsyncConnection) -> tuple[int, datetime | None, int]:
     params = {"pending": EmailStatus.PENDING, "failed": EmailStatus.FAILED, "held": EmailStatus.HELD}
     row = (await conn.execute(_BACKLOG, params)).one()
     return row.depth, row.oldest, row.held
+
+
+_OUTCOMES = text(
+    "SELECT count(*) AS total, count(*) FILTER (WHERE status IN (:failed, :dead)) AS failed"
+    " FROM outbox_emails WHERE created_at >= :start AND created_at < :end"
+)
+
+
+async def email_outcomes(conn: AsyncConnection, start: datetime, end: datetime) -> tuple[int, int]:
+    """Emails queued in [start, end): how many, and how many of them failed or are dead (the health job)."""
+    params = {"start": start, "end": end, "failed": EmailStatus.FAILED, "dead": EmailStatus.DEAD}
+    row = (await conn.execute(_OUTCOMES, params)).one()
+    return row.total, row.failed

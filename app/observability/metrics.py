@@ -142,3 +142,24 @@ FAILED_OPERATIONS = Gauge(
     ["kind", "status"],
 )
 EMAILS_HELD = Gauge("payguard_emails_held", "Emails waiting for SMTP to be configured")
+
+
+class MissedSource(StrEnum):
+    """Where reconciliation found what Stripe settled and we never heard of."""
+
+    EVENTS = "events"  # an event in Stripe's list that was never delivered
+    INTENTS = "intents"  # an intent still pending here that Stripe says is settled
+
+
+# read from job_runs at each scrape (and set by the process that ran the job), so every replica
+# reports the same, after restarts too
+JOB_LAST_SUCCESS = Gauge(
+    "payguard_job_last_success_timestamp_seconds",
+    "When each job (cleanup, health, reconcile) last finished a run that succeeded, in Unix seconds",
+    ["job"],
+)
+RECONCILE_MISSED = Counter(
+    "payguard_reconcile_missed_events_total",
+    "Events reconciliation stored that had never reached us, by source (MissedSource)",
+    ["source"],
+)

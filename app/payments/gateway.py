@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import msgspec
@@ -15,6 +16,8 @@ from app.problems import PaymentKeyConflict, PaymentProviderError, PaymentsNotCo
 log = logging.getLogger("payguard.payments")
 _CREATE_INTENT = "create_payment_intent"  # the operation label of STRIPE_REQUESTS
 _REFUND = "refund_payment"
+_LIST_EVENTS = "list_events"
+_RETRIEVE_INTENT = "retrieve_payment_intent"
 
 
 class PaymentIntent(msgspec.Struct, frozen=True):
@@ -110,3 +113,44 @@ class PaymentGateway:
             raise
         STRIPE_REQUESTS.labels(_REFUND, StripeOutcome.OK).inc()
         return str(refund.id)
+
+    async def list_events(
+        self, *, created_gte: int, types: Sequence[str], page_size: int
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """Stripe's events created at or after `created_gte` (Unix seconds) of these types, newest
+        first as Stripe lists them, in pages of at most `page_size` (the SDK's auto-paging)."""
+        client = self.require()
+        params: Any = {"created": {"gte": created_gte}, "types": list(types), "limit": page_size}
+        page: list[dict[str, Any]] = []
+        try:
+            listing = await client.v1.events.list_async(params)
+            async for event in listing.auto_paging_iter():
+                page.append(event.to_dict())
+                if len(page) == page_size:
+                    yield page
+                    page = []
+        except stripe.StripeError as exc:
+            raise self._failed(_LIST_EVENTS, exc, "Stripe did not list its events") from exc
+        STRIPE_REQUESTS.labels(_LIST_EVENTS, StripeOutcome.OK).inc()
+        if page:
+            yield page
+
+    async def retrieve_payment_intent(self, intent_id: str) -> dict[str, Any]:
+        """The PaymentIntent as Stripe has it now."""
+        client = self.require()
+        try:
+            intent = await client.v1.payment_intents.retrieve_async(intent_id)
+        except stripe.StripeError as exc:
+            raise self._failed(_RETRIEVE_INTENT, exc, f"Stripe did not return intent {intent_id}") from exc
+        STRIPE_REQUESTS.labels(_RETRIEVE_INTENT, StripeOutcome.OK).inc()
+        result: dict[str, Any] = intent.to_dict()
+        return result
+
+    @staticmethod
+    def _failed(operation: str, exc: stripe.StripeError, detail: str) -> PaymentProviderError:
+        STRIPE_REQUESTS.labels(operation, StripeOutcome.ERROR).inc()
+        # the message may echo request data; the code and HTTP status are enough to trace it
+        log.warning(
+            f"stripe {operation} failed", extra={"stripe_code": exc.code, "http_status": exc.http_status}
+        )
+        return PaymentProviderError(f"{detail} (HTTP status {exc.http_status}, code {exc.code})")

@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 from enum import StrEnum
 
-from sqlalchemy import delete, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.observability.metrics import RATE_LIMITED
 from app.problems import RateLimited
-from app.ratelimit.models import RateLimitBucket
 
 
 class RateAction(StrEnum):
@@ -60,8 +59,14 @@ async def hit(
     raise RateLimited(f"too many {action.replace('_', ' ')} requests; retry in {retry_after} s", retry_after)
 
 
-async def prune_idle_buckets(sessions: async_sessionmaker[AsyncSession]) -> int:
-    """Buckets whose TAT has passed hold no state worth keeping."""
+_PRUNE = text(
+    "DELETE FROM rate_limits WHERE tat < now() AND key IN"
+    " (SELECT key FROM rate_limits WHERE tat < now() LIMIT :limit FOR UPDATE SKIP LOCKED)"
+)
+
+
+async def prune_idle_buckets(sessions: async_sessionmaker[AsyncSession], *, limit: int) -> int:
+    """Up to `limit` buckets whose TAT has passed: they hold no state worth keeping."""
     async with sessions() as session, session.begin():
-        result = await session.execute(delete(RateLimitBucket).where(RateLimitBucket.tat < text("now()")))
+        result = await session.execute(_PRUNE, {"limit": limit})
         return int(result.rowcount)  # type: ignore[attr-defined]

@@ -253,3 +253,53 @@ async def backlog(conn: AsyncConnection) -> tuple[int, datetime | None]:
     """Events not handled yet (waiting or failed and retried): how many, and the oldest receipt."""
     row = (await conn.execute(_BACKLOG, {"pending": EventStatus.PENDING, "failed": EventStatus.FAILED})).one()
     return row.depth, row.oldest
+
+
+_OUTCOMES = text(
+    "SELECT count(*) AS total, count(*) FILTER (WHERE status IN (:failed, :dead)) AS failed"
+    " FROM webhook_events WHERE received_at >= :start AND received_at < :end"
+)
+
+
+async def event_outcomes(conn: AsyncConnection, start: datetime, end: datetime) -> tuple[int, int]:
+    """Events received in [start, end): how many, and how many of them failed or are dead (the health job)."""
+    params = {"start": start, "end": end, "failed": EventStatus.FAILED, "dead": EventStatus.DEAD}
+    row = (await conn.execute(_OUTCOMES, params)).one()
+    return row.total, row.failed
+
+
+# finished events only (handled or ignored): pending, failed and dead ones stay whatever their age
+_PRUNE = text(
+    "DELETE FROM webhook_events WHERE id IN (SELECT id FROM webhook_events"
+    " WHERE received_at < now() - make_interval(secs => :retention) AND status IN (:handled, :ignored)"
+    " ORDER BY received_at LIMIT :limit FOR UPDATE SKIP LOCKED)"
+)
+
+
+async def prune_finished_events(engine: AsyncEngine, retention_s: int, *, limit: int) -> int:
+    """Delete up to `limit` handled or ignored events received before the retention; returns how many.
+
+    A redelivery of a pruned event is stored and handled again, which changes nothing: handlers
+    are idempotent per payment intent.
+    """
+    params = {
+        "retention": retention_s,
+        "limit": limit,
+        "handled": EventStatus.HANDLED,
+        "ignored": EventStatus.IGNORED,
+    }
+    async with engine.begin() as conn:
+        return int((await conn.execute(_PRUNE, params)).rowcount)
+
+
+# the ordering rule's partial index answers it (statuses inlined so a cached generic plan can use it)
+_UNFINISHED = text(
+    "SELECT object_id, type FROM webhook_events WHERE object_id = ANY(CAST(:objects AS text[]))"  # noqa: S608
+    f" AND status IN ('{EventStatus.PENDING}', '{EventStatus.FAILED}')"
+)
+
+
+async def unfinished_events(engine: AsyncEngine, object_ids: list[str]) -> set[tuple[str, str]]:
+    """The (object id, event type) pairs of these objects whose event is stored and not handled yet."""
+    async with engine.connect() as conn:
+        return {(row.object_id, row.type) for row in await conn.execute(_UNFINISHED, {"objects": object_ids})}

@@ -49,6 +49,9 @@ TABLES = (
     "ticket_types",
     "reservations",
     "rate_limits",
+    "job_runs",
+    "platform_metrics",
+    "platform_alerts",
 )
 BUSINESS_TABLES = tuple(t for t in TABLES if t not in ("idempotency_keys", "rate_limits"))
 
@@ -153,12 +156,21 @@ ENDPOINTS = {
     "hold": Req("POST", "/v1/reservations", body=HOLD_BODY),
     "reservation": Req("GET", "/v1/reservations/1"),
     "reservation-stats": Req("GET", "/admin/reservations/stats"),
+    "job-runs": Req("GET", "/admin/jobs/runs"),
+    "operations-health": Req("GET", "/admin/operations-health"),
 }
 BODY_ENDPOINTS = ("credit-purchase", "grant", "create-lead", "create-ticket-type", "hold")
 KEYED_ENDPOINTS = ("credit-purchase", "grant", "create-lead", "lead-purchase", "create-ticket-type", "hold")
 KEY_REQUIRED = ("credit-purchase", "grant", "lead-purchase")
-PAGED_ENDPOINTS = ("ledger", "leads", "purchased-leads")
-ADMIN_ENDPOINTS = ("grant", "create-lead", "create-ticket-type", "reservation-stats")
+PAGED_ENDPOINTS = ("ledger", "leads", "purchased-leads", "job-runs")
+ADMIN_ENDPOINTS = (
+    "grant",
+    "create-lead",
+    "create-ticket-type",
+    "reservation-stats",
+    "job-runs",
+    "operations-health",
+)
 
 
 # --- state and assertions -------------------------------------------------------------------
@@ -447,6 +459,21 @@ QUERY_CASES = [
         )
         for name in PAGED_ENDPOINTS
         for label, value in BAD_LIMITS.items()
+    ],
+    *[
+        case(
+            f"job-runs-job-{label}",
+            replace(ENDPOINTS["job-runs"], params={"job": value}),
+            400,
+            "validation-error",
+        )
+        for label, value in {
+            "unknown": "vacuum",
+            "capitalised": "Cleanup",
+            "sql": SQL,
+            "empty": "",
+            "nul": "\x00",
+        }.items()
     ],
 ]
 

@@ -210,7 +210,7 @@ async def test_prune_removes_keys_past_retention(client: Client, db: asyncpg.Con
     await buy(client, "u1", "new")
     await db.execute("UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'old'")
     services = client.app.state.services
-    assert await prune_expired_keys(services.sessions, 24 * 3600) == 1
+    assert await prune_expired_keys(services.sessions, 24 * 3600, limit=1000) == 1
     assert await db.fetchval("SELECT array_agg(key) FROM idempotency_keys") == ["new"]
 
 

@@ -90,6 +90,8 @@ OPERATIONS = [
     ("DELETE", "/v1/reservations/{reservation_id}"),
     ("POST", "/v1/reservations/{reservation_id}/checkout"),
     ("GET", "/admin/reservations/stats"),
+    ("GET", "/admin/jobs/runs"),
+    ("GET", "/admin/operations-health"),
 ]
 # the webhook takes no bearer token and no schema'd body, only signed bytes: its hostile bodies are
 # in test_webhook_ingest.py (every body signed, any JSON at all) and its header in test_signature.py
