@@ -103,6 +103,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # idempotency keys
     idempotency_lock_timeout_s: Seconds = 90.0  # a crashed request's lock becomes takeable
 
+    # error logs (POST /v1/errors)
+    error_max_body_bytes: Positive = 64 * 1024  # a larger error report gets 413
+
     # HTTP
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     max_body_bytes: Positive = 64 * 1024
@@ -114,6 +117,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     rate_window_s: Positive = 60
     rate_credit_purchases: Positive = 10
     rate_lead_purchases: Positive = 60
+    rate_error_reports: Positive = 60
 
     credit_packages: tuple[CreditPackage, ...] = DEFAULT_PACKAGES
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -15,6 +16,8 @@ from app.auth import Authenticator
 from app.config import Settings
 from app.credits.routes import CreditsAdminController, CreditsController
 from app.db.engine import create_engine, session_factory
+from app.errors import service as errors
+from app.errors.routes import ErrorLogsController, error_report_routes
 from app.failures.routes import FailedOperationsController
 from app.health.routes import ROUTES as HEALTH_ROUTES
 from app.http import (
@@ -69,6 +72,8 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             LeadsController,
             LeadsAdminController,
             FailedOperationsController,
+            error_report_routes(settings),
+            ErrorLogsController,
             ReplayController,
             WEBHOOK_ROUTES,
         ],
@@ -98,6 +103,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
     app.state.worker = worker
     app.state.auth = Authenticator(settings)
     app.state.events = events
+    app.state.record_fault = partial(errors.record_server_error, services)  # the shell's 500s
     # outermost layer, so 404s and 405s raised while routing are counted and logged too, and so are
     # requests refused for their headers before anything else runs
     app.asgi_handler = observe_requests(

@@ -128,3 +128,17 @@ FAILED_OPERATIONS = Gauge(
     ["kind", "status"],
 )
 EMAILS_HELD = Gauge("payguard_emails_held", "Emails waiting for SMTP to be configured")
+
+
+class ErrorSource(StrEnum):
+    """Where a recorded error came from (a client's own `source` text is not a label: unbounded)."""
+
+    CLIENT = "client"  # POST /v1/errors
+    SERVER = "server"  # an unhandled exception answered with 500
+
+
+ERRORS_RECORDED = Counter(
+    "payguard_errors_recorded_total",
+    "Error logs stored, by source (ErrorSource) and severity (debug, info, warning, error, critical)",
+    ["source", "severity"],
+)

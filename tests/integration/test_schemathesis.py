@@ -71,6 +71,9 @@ OPERATIONS = [
     ("POST", "/admin/failed-operations/{op_id}/retry"),
     ("POST", "/admin/failed-operations/{op_id}/discard"),
     ("POST", "/admin/webhooks/replay"),
+    ("POST", "/v1/errors"),
+    ("GET", "/admin/errors"),
+    ("POST", "/admin/errors/{error_id}/resolve"),
 ]
 # the webhook takes no bearer token and no schema'd body, only signed bytes: its hostile bodies are
 # in test_webhook_ingest.py (every body signed, any JSON at all) and its header in test_signature.py
@@ -87,8 +90,11 @@ async def load_schema(client: Client) -> dict[str, Any]:
 @pytest.fixture
 async def fuzz_client(make_client: AppFactory, db: asyncpg.Connection) -> Client:
     """Rate limits out of the way (so purchases do real work), a funded user, five cheap leads, a
-    credit purchase and failed operations in every status (so ids in paths name real rows)."""
-    client = await make_client(rate_credit_purchases=100_000, rate_lead_purchases=100_000)
+    credit purchase, failed operations in every status and two error logs (so ids in paths name real
+    rows)."""
+    client = await make_client(
+        rate_credit_purchases=100_000, rate_lead_purchases=100_000, rate_error_reports=100_000
+    )
     await grant(client, USER, 1_000_000)
     for i in range(5):
         await create_lead(client, price=1, title=f"seed lead {i}")
@@ -102,6 +108,10 @@ async def fuzz_client(make_client: AppFactory, db: asyncpg.Connection) -> Client
         "INSERT INTO failed_operations (kind, reference, status, attempts, max_attempts, next_attempt_at)"
         " SELECT 'refund_shortfall', 'seed-' || s, s, 1, 1, now() + interval '1 hour'"
         " FROM unnest(ARRAY['pending', 'retrying', 'succeeded', 'dead', 'discarded']) AS s"
+    )
+    await db.execute(
+        "INSERT INTO error_logs (severity, source, message, resolved_at, resolved_by)"
+        " VALUES ('error', 'server', 'seed', NULL, NULL), ('warning', 'web', 'seed', now(), 'ops')"
     )
     return client
 
@@ -322,7 +332,14 @@ async def fuzz_schema(client: Client) -> dict[str, Any]:
     ops = await client.get(
         "/admin/failed-operations", headers={"Authorization": f"Bearer {token(ADMIN, admin=True)}"}
     )
-    ids = {"purchase_id": ["1"], "op_id": [str(op["id"]) for op in ops.json()["items"]]}
+    errors = await client.get(
+        "/admin/errors", headers={"Authorization": f"Bearer {token(ADMIN, admin=True)}"}
+    )
+    ids = {
+        "purchase_id": ["1"],
+        "op_id": [str(op["id"]) for op in ops.json()["items"]],
+        "error_id": [str(error["id"]) for error in errors.json()["items"]],
+    }
     for item in schema["paths"].values():
         for operation in item.values():
             for param in operation.get("parameters", []):
