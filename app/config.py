@@ -103,7 +103,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # idempotency keys
     idempotency_lock_timeout_s: Seconds = 90.0  # a crashed request's lock becomes takeable
 
-    # error logs (POST /v1/errors)
+    # error logs (POST /v1/errors) and Sentry
+    sentry_dsn: str | None = None  # unset: nothing goes to Sentry
     error_max_body_bytes: Positive = 64 * 1024  # a larger error report gets 413
 
     # HTTP
@@ -145,8 +146,9 @@ ENV_VARS: dict[str, str] = {
     "SMTP_PASSWORD": "smtp_password",
     "SMTP_STARTTLS": "smtp_starttls",
     "MAIL_FROM": "mail_from",
+    "SENTRY_DSN": "sentry_dsn",
 }
-# API.md's OTEL_* and SENTRY_DSN become settings with the code that reads them, not before
+# API.md's OTEL_* become settings with the code that reads them, not before
 # every other field is PAYGUARD_<FIELD> (PAYGUARD_RATE_LEAD_PURCHASES, ...)
 for _field in msgspec.structs.fields(Settings):
     if _field.name not in ENV_VARS.values():

@@ -10,6 +10,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from sentry_sdk.transport import Transport
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.auth import Authenticator
@@ -18,6 +19,7 @@ from app.credits.routes import CreditsAdminController, CreditsController
 from app.db.engine import create_engine, session_factory
 from app.errors import service as errors
 from app.errors.routes import ErrorLogsController, error_report_routes
+from app.errors.sentry import start_sentry, stop_sentry
 from app.failures.routes import FailedOperationsController
 from app.health.routes import ROUTES as HEALTH_ROUTES
 from app.http import (
@@ -47,7 +49,11 @@ def build_services(settings: Settings, engine: AsyncEngine) -> Services:
     return Services(settings, session_factory(engine), PaymentGateway(settings), OPERATIONS)
 
 
-def create_app(settings: Settings, database_url: str) -> Litestar:
+def create_app(
+    settings: Settings, database_url: str, *, sentry_transport: Transport | None = None
+) -> Litestar:
+    """`sentry_transport` replaces the Sentry SDK's HTTP transport when SENTRY_DSN is set (tests)."""
+    sentry = start_sentry(settings, sentry_transport)  # before Litestar(): the integration wraps the app
     engine = create_engine(settings, database_url)
     services = build_services(settings, engine)
     worker = Worker(services, engine)
@@ -63,6 +69,8 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
         await asyncio.gather(*running)
         await events.close()
         await engine.dispose()
+        if sentry:
+            await stop_sentry()
 
     app = Litestar(
         route_handlers=[

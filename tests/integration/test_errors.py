@@ -13,6 +13,7 @@ import asyncpg
 import httpx
 import pytest
 from litestar import get
+from sentry_sdk.scope import should_send_default_pii
 from sqlalchemy import exc as sa_exc
 
 from app.auth import Forbidden
@@ -32,6 +33,7 @@ from app.http import (
 from app.main import create_app
 from app.problems import NotFound
 from tests.fixtures.app import ADMIN, AppFactory, Client, auth, connect, token
+from tests.fixtures.sentry import TEST_DSN, MemoryTransport
 
 # secrets made at run time, so no scanner takes this file for a leak
 STRIPE_KEY = "sk_" + "live_" + "51HxQpL2eZvKYlo2C0123456789"
@@ -544,3 +546,67 @@ async def test_old_errors_are_pruned_in_batches_each_committed(
         await lock_holder.close()
         await engine.dispose()
     assert [r["message"] for r in await db.fetch("SELECT message FROM error_logs")] == ["new"] * 3
+
+
+# --- Sentry ---------------------------------------------------------------------------------
+
+
+async def test_server_exceptions_reach_sentry_scrubbed_with_their_request_id(
+    settings_for: Callable[..., Settings], db_url: str, db: asyncpg.Connection
+) -> None:
+    transport = MemoryTransport()
+    app = create_app(settings_for(sentry_dsn=TEST_DSN), db_url, sentry_transport=transport)
+    app.register(boom)
+    app.register(not_found)
+    client = Client(app)
+    pii_while_on = should_send_default_pii()
+    try:
+        bad_report = report(message=f"card {CARDS[0]}", context={"password": PASSWORD})
+        headers = {**auth("u1"), "X-Request-ID": "req-sentry-1"}
+        r = await client.get(f"/test-only/boom?access_token={JWT}", headers=headers)
+        assert r.status_code == 500 and r.json()["type"] == "internal-error"
+        # not bugs of ours: a typed 404, a validation error, an unknown route
+        assert (await client.get("/test-only/not-found")).status_code == 404
+        assert (
+            await client.post("/v1/errors", json={**bad_report, "severity": "x"}, headers=auth("u1"))
+        ).status_code == 400
+        assert (await client.get("/nowhere")).status_code == 404
+        assert (await client.post("/v1/errors", json=bad_report, headers=auth("u1"))).status_code == 202
+    finally:
+        await client.aclose()
+        for hook in app.on_shutdown:
+            await hook()
+
+    [event] = transport.events
+    assert not pii_while_on  # send_default_pii left at its default: off
+    assert event["tags"]["request_id"] == "req-sentry-1"
+    [exception] = event["exception"]["values"]
+    assert exception["type"] == "RuntimeError"
+    assert exception["value"].startswith("lost connection postgres://admin:[REDACTED]@db with")
+    sent = json.dumps(event)
+    assert_no_secrets(sent)
+    assert "Bearer" not in sent and "u1" not in sent  # no Authorization header, no user
+    assert "data" not in event.get("request", {})  # no bodies: PII stays in PostgreSQL
+    # and the database has the same exception
+    assert await db.fetchval("SELECT request_id FROM error_logs WHERE source = 'server'") == "req-sentry-1"
+
+
+async def test_nothing_goes_to_sentry_without_a_dsn(
+    settings_for: Callable[..., Settings], db_url: str, db: asyncpg.Connection
+) -> None:
+    import sentry_sdk
+
+    transport = MemoryTransport()
+    app = create_app(settings_for(), db_url, sentry_transport=transport)
+    app.register(boom)
+    client = Client(app)
+    try:
+        r = await client.get("/test-only/boom", headers={"X-Request-ID": "req-no-sentry"})
+        assert r.status_code == 500
+    finally:
+        await client.aclose()
+        for hook in app.on_shutdown:
+            await hook()
+    assert transport.envelopes == []
+    assert not sentry_sdk.get_client().is_active()
+    assert await db.fetchval("SELECT request_id FROM error_logs") == "req-no-sentry"  # still recorded here
