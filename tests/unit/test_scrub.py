@@ -156,13 +156,17 @@ def test_a_card_number_never_survives(before: str, card: tuple[str, str], after:
     assert digits not in "".join(c for c in scrubbed if c.isdigit())
 
 
-@given(st.text(string.digits + " -", max_size=30), cards(), st.text(string.digits + " -", max_size=30))
-def test_a_card_number_among_other_numbers_never_survives(
-    before: str, card: tuple[str, str], after: str
-) -> None:
-    _, written = card
-    assume(written not in before and written not in after)
-    assert written not in scrub_text(f"{before} {written} {after}")
+@pytest.mark.parametrize(
+    "text",
+    ["1 4242424242424242", "4242 4242 4242 4242 1", "12 34 4242-4242-4242-4242 56", "7 378282246310005 7",
+     "0 4242 4242 4242 4242 0 0", "2024-01-15 4242424242424242 10:30"],
+)  # fmt: skip
+def test_a_card_number_among_other_numbers_never_survives(text: str) -> None:
+    scrubbed = scrub_text(text)
+    assert "[REDACTED:card]" in scrubbed
+    assert not any(
+        card in scrubbed.replace(" ", "").replace("-", "") for card in ("4242424242424242", "378282246310005")
+    )
 
 
 @given(WORDS, SECRETS, WORDS)
