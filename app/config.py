@@ -116,6 +116,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_event_retention_s: Retention = 30 * 86_400  # handled and ignored events; never unfinished ones
     job_run_retention_s: Retention = 30 * 86_400
     health_retention_s: Retention = 90 * 86_400  # platform metrics, and alerts once resolved
+    error_log_retention_s: Retention = 90 * 86_400  # error logs, resolved or not
     # the health job: failure rates over a window, an alert above a threshold once enough happened
     health_window_s: Seconds = 3_600.0
     health_min_samples: Positive = 10  # fewer purchases (events, emails) in the window: no alert
@@ -127,6 +128,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     reconcile_intent_max_age_s: Retention = 7 * 86_400  # older pending intents are left to the event list
     reconcile_overlap_s: Seconds = 300.0  # each listing starts this long before the last one did
     reconcile_page_size: Annotated[int, msgspec.Meta(ge=1, le=100)] = 100  # Stripe's list limit is 100
+
+    # error logs (POST /v1/errors) and Sentry
+    sentry_dsn: str | None = None  # unset: nothing goes to Sentry
+    error_max_body_bytes: Positive = 64 * 1024  # a larger error report gets 413
 
     # HTTP
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -144,6 +149,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     rate_credit_purchases: Positive = 10
     rate_lead_purchases: Positive = 60
     rate_reservations: Positive = 30  # holds
+    rate_error_reports: Positive = 60
 
     credit_packages: tuple[CreditPackage, ...] = DEFAULT_PACKAGES
 
@@ -171,8 +177,9 @@ ENV_VARS: dict[str, str] = {
     "SMTP_PASSWORD": "smtp_password",
     "SMTP_STARTTLS": "smtp_starttls",
     "MAIL_FROM": "mail_from",
+    "SENTRY_DSN": "sentry_dsn",
 }
-# API.md's OTEL_* and SENTRY_DSN become settings with the code that reads them, not before
+# API.md's OTEL_* become settings with the code that reads them, not before
 # every other field is PAYGUARD_<FIELD> (PAYGUARD_RATE_LEAD_PURCHASES, ...)
 for _field in msgspec.structs.fields(Settings):
     if _field.name not in ENV_VARS.values():

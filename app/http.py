@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import asyncpg
 import msgspec
 from litestar import Request, Response
+from litestar.background_tasks import BackgroundTask
 from litestar.connection.base import empty_receive, empty_send
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.params import PathParameter, QueryParameter
@@ -24,6 +27,7 @@ from sqlalchemy import exc as sa_exc
 
 from app.auth import Authenticator
 from app.context import Caller
+from app.observability.logging import request_id
 from app.observability.metrics import DB_TIMEOUTS, DB_UNAVAILABLE
 from app.problems import (
     PROBLEM_JSON,
@@ -61,6 +65,19 @@ _TIMEOUT_SQLSTATES = {"57014", "55P03"}  # statement timeout / query canceled, l
 _GONE_SQLSTATES = {"57P01", "57P02", "57P03"}
 DB_UNAVAILABLE_RETRY_AFTER_S = 5  # long enough for a restart or failover to make progress
 _DB_CLIENT_MODULES = ("sqlalchemy.", "asyncpg.")
+
+
+@dataclass(frozen=True)
+class ServerFault:
+    """An unhandled exception the shell answered with 500, handed to `app.state.record_fault` (if set)."""
+
+    exc: BaseException
+    method: str
+    route: str  # the route template, "unmatched" outside any route
+    request_id: str | None
+
+
+RecordFault = Callable[[ServerFault], Awaitable[None]]
 
 
 class ClientDisconnected(HTTPException):
@@ -163,21 +180,25 @@ async def provide_admin(request: Request[Any, Any, Any]) -> Caller:
     return await auth.admin(request.headers.get("authorization"))
 
 
-def _problem_response(body: dict[str, Any], headers: dict[str, str] | None = None) -> Response[Any]:
-    return Response(body, status_code=body["status"], media_type=PROBLEM_JSON, headers=headers)
+def _problem_response(
+    body: dict[str, Any], headers: dict[str, str] | None = None, background: BackgroundTask | None = None
+) -> Response[Any]:
+    return Response(
+        body, status_code=body["status"], media_type=PROBLEM_JSON, headers=headers, background=background
+    )
 
 
 def on_service_error(_: Request[Any, Any, Any], exc: ServiceError) -> Response[Any]:
     return _problem_response(exc.problem(), exc.headers)
 
 
-def on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+def on_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     status = exc.status_code
     if isinstance(exc, ClientDisconnected):  # the access log line and the metric record it
         body = problem(status, "client-closed-request", "Client closed request", exc.detail)
         return _problem_response(body)
     if status >= 500:
-        return _internal_error(exc)
+        return _internal_error(request, exc)
     if isinstance(exc, ValidationException):
         errors = [_error_without_value(e) for e in exc.extra] if isinstance(exc.extra, list) else []
         # Litestar's detail repeats the path and query string, secrets and all
@@ -200,12 +221,16 @@ def _error_without_value(error: Any) -> dict[str, Any]:
     return {"message": _without_values(str(error.get("message", ""))) or "invalid value", **kept}
 
 
-def on_database_error(_: Request[Any, Any, Any], exc: sa_exc.DBAPIError) -> Response[Any]:
-    if getattr(exc.orig, "sqlstate", None) in _TIMEOUT_SQLSTATES:
+def on_database_error(request: Request[Any, Any, Any], exc: sa_exc.DBAPIError) -> Response[Any]:
+    if _is_database_timeout(exc):
         return _database_timeout(exc)
     if database_unreachable(exc):
         return _database_unavailable(exc)
-    return _internal_error(exc)
+    return _internal_error(request, exc)
+
+
+def _is_database_timeout(exc: sa_exc.DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) in _TIMEOUT_SQLSTATES
 
 
 def on_pool_timeout(_: Request[Any, Any, Any], exc: sa_exc.TimeoutError) -> Response[Any]:
@@ -262,17 +287,35 @@ def _database_unavailable(exc: Exception) -> Response[Any]:
     return _problem_response(err.problem(), err.headers)
 
 
-def on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     if database_unreachable(exc):
         return _database_unavailable(exc)
-    return _internal_error(exc)
+    return _internal_error(request, exc)
 
 
-def _internal_error(exc: Exception) -> Response[Any]:
+def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.error("unhandled error", exc_info=exc)
-    return _problem_response(
-        problem(500, "internal-error", "Internal server error", "the error was logged; retry later")
+    # recorded after the answer is sent, by a recorder that never raises: a database that is down
+    # costs the record, never the client's problem detail
+    record: RecordFault | None = request.app.state.get("record_fault")
+    fault = ServerFault(
+        exc, request.method, request.scope.get("path_template") or "unmatched", request_id.get()
     )
+    return _problem_response(
+        problem(500, "internal-error", "Internal server error", "the error was logged; retry later"),
+        background=BackgroundTask(record, fault) if record is not None else None,
+    )
+
+
+def is_internal_error(exc: BaseException) -> bool:
+    """Whether the handlers below answer `exc` with 500 internal-error (Sentry gets those, and only those)."""
+    if isinstance(exc, ServiceError | sa_exc.TimeoutError):
+        return False
+    if isinstance(exc, HTTPException):
+        return exc.status_code >= 500
+    if isinstance(exc, sa_exc.DBAPIError) and _is_database_timeout(exc):
+        return False
+    return not database_unreachable(exc)
 
 
 EXCEPTION_HANDLERS: Any = {

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from sentry_sdk.transport import Transport
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.auth import Authenticator
 from app.config import Settings
 from app.credits.routes import CreditsAdminController, CreditsController
 from app.db.engine import create_engine, session_factory
+from app.errors import service as errors
+from app.errors.routes import ErrorLogsController, error_report_routes
+from app.errors.sentry import start_sentry, stop_sentry
 from app.failures.routes import FailedOperationsController
 from app.health.routes import ROUTES as HEALTH_ROUTES
 from app.http import (
@@ -47,7 +52,11 @@ def build_services(settings: Settings, engine: AsyncEngine) -> Services:
     return Services(settings, session_factory(engine), PaymentGateway(settings), OPERATIONS)
 
 
-def create_app(settings: Settings, database_url: str) -> Litestar:
+def create_app(
+    settings: Settings, database_url: str, *, sentry_transport: Transport | None = None
+) -> Litestar:
+    """`sentry_transport` replaces the Sentry SDK's HTTP transport when SENTRY_DSN is set (tests)."""
+    sentry = start_sentry(settings, sentry_transport)  # before Litestar(): the integration wraps the app
     engine = create_engine(settings, database_url)
     services = build_services(settings, engine)
     worker = Worker(services, engine)
@@ -67,6 +76,8 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
         await asyncio.gather(*running)
         await events.close()
         await engine.dispose()
+        if sentry:
+            await stop_sentry()
 
     app = Litestar(
         route_handlers=[
@@ -79,6 +90,8 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             ReservationsController,
             ReservationsAdminController,
             FailedOperationsController,
+            error_report_routes(settings),
+            ErrorLogsController,
             ReplayController,
             JobsController,
             WEBHOOK_ROUTES,
@@ -109,6 +122,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
     app.state.worker = worker
     app.state.auth = Authenticator(settings)
     app.state.events = events
+    app.state.record_fault = partial(errors.record_server_error, services)  # the shell's 500s
     # outermost layer, so 404s and 405s raised while routing are counted and logged too, and so are
     # requests refused for their headers before anything else runs
     app.asgi_handler = observe_requests(

@@ -2,6 +2,7 @@
 
 from app.credits import models as credits
 from app.db.base import Base
+from app.errors import models as errors
 from app.failures import models as failures
 from app.idempotency import models as idempotency
 from app.jobs import models as jobs
@@ -14,6 +15,7 @@ from app.webhooks import models as webhooks
 metadata = Base.metadata
 __all__ = [
     "credits",
+    "errors",
     "failures",
     "idempotency",
     "jobs",

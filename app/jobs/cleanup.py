@@ -8,8 +8,10 @@ fails does not stop the others; the run is then `failed` with that step's error.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 from app.credits import service as credits
+from app.errors import service as errors
 from app.idempotency import service as keys
 from app.jobs import service
 from app.jobs.models import JobName
@@ -46,6 +48,13 @@ async def expire_holds(context: JobContext) -> int:
     """Write `expired` on holds past their expiry (capacity stopped counting them when they expired)."""
     s = context.services
     return await in_batches(lambda limit: reservations.expire_holds(s, limit), s.settings.jobs_batch_size)
+
+
+async def prune_error_logs(context: JobContext) -> int:
+    s = context.services
+    before = context.now - timedelta(seconds=s.settings.error_log_retention_s)
+    async with s.engine.connect() as conn:  # each batch commits on its own
+        return await errors.prune_old_errors(conn, before, s.settings.jobs_batch_size)
 
 
 async def prune_idempotency_keys(context: JobContext) -> int:
@@ -100,6 +109,7 @@ CLEANUP = Job(
         Step("rate_limit_buckets", prune_rate_limit_buckets),
         Step("webhook_events", prune_webhook_events),
         Step("job_runs", prune_job_runs),
+        Step("error_logs", prune_error_logs),
         Step("health_history", prune_health_history),
     ),
 )

@@ -163,3 +163,17 @@ RECONCILE_MISSED = Counter(
     "Events reconciliation stored that had never reached us, by source (MissedSource)",
     ["source"],
 )
+
+
+class ErrorSource(StrEnum):
+    """Where a recorded error came from (a client's own `source` text is not a label: unbounded)."""
+
+    CLIENT = "client"  # POST /v1/errors
+    SERVER = "server"  # an unhandled exception answered with 500
+
+
+ERRORS_RECORDED = Counter(
+    "payguard_errors_recorded_total",
+    "Error logs stored, by source (ErrorSource) and severity (debug, info, warning, error, critical)",
+    ["source", "severity"],
+)

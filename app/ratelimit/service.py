@@ -23,6 +23,7 @@ class RateAction(StrEnum):
     CREDIT_PURCHASE = "credit_purchase"
     LEAD_PURCHASE = "lead_purchase"
     RESERVATION = "reservation"
+    ERROR_REPORT = "error_report"
 
 
 _ADMIT = text(

@@ -52,6 +52,7 @@ TABLES = (
     "job_runs",
     "platform_metrics",
     "platform_alerts",
+    "error_logs",
 )
 BUSINESS_TABLES = tuple(t for t in TABLES if t not in ("idempotency_keys", "rate_limits"))
 
@@ -140,6 +141,7 @@ GRANT_BODY = {"user_id": "u2", "credits": 5, "reason": "hostile"}
 LEAD_BODY = {"title": "t", "price_credits": 5, "details": {"k": "v"}}
 TICKET_TYPE_BODY = {"name": "t", "capacity": 5, "price": 500, "currency": "usd"}
 HOLD_BODY = {"ticket_type_id": 1, "quantity": 1}  # the seeded ticket type
+ERROR_BODY = {"severity": "error", "message": "m", "source": "web", "context": {"k": "v"}}
 
 ENDPOINTS = {
     "credit-purchase": Req("POST", "/v1/credits/purchases", body=PURCHASE_BODY),
@@ -158,11 +160,22 @@ ENDPOINTS = {
     "reservation-stats": Req("GET", "/admin/reservations/stats"),
     "job-runs": Req("GET", "/admin/jobs/runs"),
     "operations-health": Req("GET", "/admin/operations-health"),
+    "report-error": Req("POST", "/v1/errors", body=ERROR_BODY),
+    "errors": Req("GET", "/admin/errors"),
+    "resolve-error": Req("POST", "/admin/errors/{lead}/resolve"),  # no error log has that id
 }
-BODY_ENDPOINTS = ("credit-purchase", "grant", "create-lead", "create-ticket-type", "hold")
-KEYED_ENDPOINTS = ("credit-purchase", "grant", "create-lead", "lead-purchase", "create-ticket-type", "hold")
+BODY_ENDPOINTS = ("credit-purchase", "grant", "create-lead", "create-ticket-type", "hold", "report-error")
+KEYED_ENDPOINTS = (
+    "credit-purchase",
+    "grant",
+    "create-lead",
+    "lead-purchase",
+    "create-ticket-type",
+    "hold",
+    "report-error",
+)
 KEY_REQUIRED = ("credit-purchase", "grant", "lead-purchase")
-PAGED_ENDPOINTS = ("ledger", "leads", "purchased-leads", "job-runs")
+PAGED_ENDPOINTS = ("ledger", "leads", "purchased-leads", "job-runs", "errors")
 ADMIN_ENDPOINTS = (
     "grant",
     "create-lead",
@@ -170,6 +183,8 @@ ADMIN_ENDPOINTS = (
     "reservation-stats",
     "job-runs",
     "operations-health",
+    "errors",
+    "resolve-error",
 )
 
 
@@ -396,6 +411,36 @@ FIELD_CASES = [
         },
         optional=("details",),
     ),
+    *_field_cases(
+        "report-error",
+        {
+            "severity": [
+                *[v for v in _string_values(16) if v[0] != "one-too-long"],
+                ("unknown", "fatal", 400),
+                ("upper-case", "ERROR", 400),
+                ("padded", " error", 400),
+                ("sql", SQL, 400),
+            ],
+            "message": _string_values(4096),
+            "source": [
+                *_string_values(64),
+                ("reserved", "server", 400),
+                ("spaces", "my app", 400),
+                ("sql", SQL, 400),
+                ("right-to-left-override", "\u202eweb", 400),
+            ],
+            "context": [
+                ("null", None, 400),
+                ("list", [], 400),
+                ("string", "x", 400),
+                ("number", 5, 400),
+                ("nul-in-value", {"k": "a\x00b"}, 400),
+                ("nul-in-key", {"a\x00b": "v"}, 400),
+                ("nine-levels", {"k": [[[[[[[["x"]]]]]]]]}, 400),
+            ],
+        },
+        optional=("context",),
+    ),
 ]
 
 
@@ -497,8 +542,28 @@ BAD_LEAD_IDS = {
     "fullwidth-digits": ("{lead_fullwidth}", (400, 404)),
 }
 PATH_CASES = [
-    case(f"lead-id-{label}", Req("POST", f"/v1/leads/{value}/purchase"), status)
-    for label, (value, status) in BAD_LEAD_IDS.items()
+    *[
+        case(f"lead-id-{label}", Req("POST", f"/v1/leads/{value}/purchase"), status)
+        for label, (value, status) in BAD_LEAD_IDS.items()
+    ],
+    *[
+        case(f"error-id-{label}", Req("POST", f"/admin/errors/{value}/resolve"), status)
+        for label, (value, status) in BAD_LEAD_IDS.items()
+    ],
+    case("error-id-unknown", Req("POST", "/admin/errors/{lead}/resolve"), 404, "not-found"),
+]
+ERROR_FILTERS = {
+    "severity-unknown": {"severity": "fatal"},
+    "severity-sql": {"severity": SQL},
+    "resolved-word": {"resolved": "maybe"},
+    "resolved-number": {"resolved": "2"},
+    "source-spaces": {"source": "my app"},
+    "source-sql": {"source": SQL},
+    "source-too-long": {"source": "s" * 65},
+}
+QUERY_CASES += [
+    case(f"errors-{label}", replace(ENDPOINTS["errors"], params=params), 400, "validation-error")
+    for label, params in ERROR_FILTERS.items()
 ]
 
 
@@ -676,6 +741,9 @@ ROUTING_CASES = [
     case("put-purchased-leads", Req("PUT", "/v1/leads/purchased"), 405),
     case("get-lead-purchase", Req("GET", "/v1/leads/{lead}/purchase"), 405),
     case("trace-balance", Req("TRACE", "/v1/credits/balance"), 405),
+    case("get-report-error", Req("GET", "/v1/errors"), 405),
+    case("delete-admin-errors", Req("DELETE", "/admin/errors"), 405),
+    case("get-resolve-error", Req("GET", "/admin/errors/{lead}/resolve"), 405),
     case("unknown-path", Req("GET", "/v1/nope"), 404),
     case("unknown-admin-path", Req("POST", "/admin/users", body={}), 404),
     case("bare-prefix", Req("GET", "/v1/credits"), 404),

@@ -183,6 +183,11 @@ async def test_cleanup_prunes_what_is_past_retention_and_keeps_the_rest(
         "  now() - interval '91 days'),"
         " ('webhooks', 1, 0.1, 10, 10, 'open', now() - interval '92 days', now(), NULL)"
     )
+    # error logs: 90 days
+    await db.execute(
+        "INSERT INTO error_logs (severity, source, message, created_at) VALUES"
+        " ('error', 'web', 'old', now() - interval '91 days'), ('error', 'web', 'new', now() - interval '89 days')"
+    )
     # holds: one past its expiry (already free; the job writes it down), one live
     ticket_type = await create_ticket_type(client, capacity=5)
     past, live = [(await hold(client, "holder", ticket_type, 1)).json()["id"] for _ in range(2)]
@@ -198,6 +203,7 @@ async def test_cleanup_prunes_what_is_past_retention_and_keeps_the_rest(
         "rate_limit_buckets": 1,
         "webhook_events": 2,
         "job_runs": 1,
+        "error_logs": 1,
         "health_history": 2,
     }
     assert await db.fetchval("SELECT array_agg(key) FROM idempotency_keys") == ["new-key"]
@@ -217,6 +223,7 @@ async def test_cleanup_prunes_what_is_past_retention_and_keeps_the_rest(
     )
     assert await db.fetchval("SELECT count(*) FROM platform_metrics") == 1
     assert await db.fetchval("SELECT array_agg(message) FROM platform_alerts") == ["open"]
+    assert await db.fetchval("SELECT array_agg(message) FROM error_logs") == ["new"]
     holds = dict(await db.fetch("SELECT id, status FROM reservations"))
     assert holds == {past: ReservationStatus.EXPIRED, live: ReservationStatus.ACTIVE}
     # a second run finds nothing more to do

@@ -92,6 +92,9 @@ OPERATIONS = [
     ("GET", "/admin/reservations/stats"),
     ("GET", "/admin/jobs/runs"),
     ("GET", "/admin/operations-health"),
+    ("POST", "/v1/errors"),
+    ("GET", "/admin/errors"),
+    ("POST", "/admin/errors/{error_id}/resolve"),
 ]
 # the webhook takes no bearer token and no schema'd body, only signed bytes: its hostile bodies are
 # in test_webhook_ingest.py (every body signed, any JSON at all) and its header in test_signature.py
@@ -108,10 +111,13 @@ async def load_schema(client: Client) -> dict[str, Any]:
 @pytest.fixture
 async def fuzz_client(make_client: AppFactory, db: asyncpg.Connection) -> Client:
     """Rate limits out of the way (so purchases do real work), a funded user, five cheap leads, a
-    credit purchase, failed operations in every status, a ticket type and holds of the user's (so ids
-    in paths name real rows)."""
+    credit purchase, failed operations in every status, two error logs, a ticket type and holds of
+    the user's (so ids in paths name real rows)."""
     client = await make_client(
-        rate_credit_purchases=100_000, rate_lead_purchases=100_000, rate_reservations=100_000
+        rate_credit_purchases=100_000,
+        rate_lead_purchases=100_000,
+        rate_reservations=100_000,
+        rate_error_reports=100_000,
     )
     await grant(client, USER, 1_000_000)
     for i in range(5):
@@ -130,6 +136,10 @@ async def fuzz_client(make_client: AppFactory, db: asyncpg.Connection) -> Client
     ticket_type = await create_ticket_type(client, capacity=1_000_000)
     for _ in range(SEEDED_HOLDS):
         assert (await hold(client, USER, ticket_type, 1)).status_code == 201
+    await db.execute(
+        "INSERT INTO error_logs (severity, source, message, resolved_at, resolved_by)"
+        " VALUES ('error', 'server', 'seed', NULL, NULL), ('warning', 'web', 'seed', now(), 'ops')"
+    )
     return client
 
 
@@ -349,9 +359,13 @@ async def fuzz_schema(client: Client) -> dict[str, Any]:
     ops = await client.get(
         "/admin/failed-operations", headers={"Authorization": f"Bearer {token(ADMIN, admin=True)}"}
     )
+    errors = await client.get(
+        "/admin/errors", headers={"Authorization": f"Bearer {token(ADMIN, admin=True)}"}
+    )
     ids = {
         "purchase_id": ["1"],
         "op_id": [str(op["id"]) for op in ops.json()["items"]],
+        "error_id": [str(error["id"]) for error in errors.json()["items"]],
         "type_id": ["1"],
         "reservation_id": [str(i) for i in range(1, SEEDED_HOLDS + 1)],
     }
