@@ -157,6 +157,8 @@ ENDPOINTS = {
     "ticket-type": Req("GET", "/v1/ticket-types/1"),
     "hold": Req("POST", "/v1/reservations", body=HOLD_BODY),
     "reservation": Req("GET", "/v1/reservations/1"),
+    "cancel": Req("DELETE", "/v1/reservations/1"),
+    "checkout": Req("POST", "/v1/reservations/1/checkout"),
     "reservation-stats": Req("GET", "/admin/reservations/stats"),
     "job-runs": Req("GET", "/admin/jobs/runs"),
     "operations-health": Req("GET", "/admin/operations-health"),
@@ -172,9 +174,10 @@ KEYED_ENDPOINTS = (
     "lead-purchase",
     "create-ticket-type",
     "hold",
+    "checkout",
     "report-error",
 )
-KEY_REQUIRED = ("credit-purchase", "grant", "lead-purchase")
+KEY_REQUIRED = ("credit-purchase", "grant", "lead-purchase", "checkout")
 PAGED_ENDPOINTS = ("ledger", "leads", "purchased-leads", "job-runs", "errors")
 ADMIN_ENDPOINTS = (
     "grant",
