@@ -544,6 +544,7 @@ async def run_load(
         else None,
         "cpu": cpu_use,
         "probe": probed,
+        "window": [t_measure, t_end],  # time.perf_counter() in the load generator's process
     }
 
 
