@@ -441,22 +441,47 @@ async def _verify(conn: Any, phases: list[dict[str, Any]]) -> dict[str, Any]:
     return {"over_capacity": int(over), "rows": rows, "keys_201": int(keys_201), "keys": int(keys_all)}
 
 
+def holder_shares(doing: dict[str, int]) -> dict[str, dict[str, int]]:
+    """The probe's samples of the lock holder grouped: the app's turn (after or sending which statement),
+    `_HOLD` running, COMMIT (mostly the WAL flush), the lock changing hands, other statements running."""
+    groups: dict[str, dict[str, int]] = {}
+    for what, n in doing.items():
+        if what == "no hold waiting":
+            continue
+        if what.startswith("app "):
+            group, detail = "app's turn", what.removeprefix("app ")
+        elif what.startswith("hold running"):
+            group, detail = "_HOLD running", what
+        elif what.startswith("COMMIT"):
+            group, detail = "COMMIT", what
+        else:
+            group, detail = ("handover", what) if what == "handover" else ("other statements", what)
+        groups.setdefault(group, {})
+        groups[group][detail] = groups[group].get(detail, 0) + n
+    return groups
+
+
 def _print_probe(r: dict[str, Any]) -> None:
     p = r.get("probe")
     if not p or not p["samples"]:
         return
-    doing = p["doing"]
-    busy = 1 - doing.get("no hold waiting", 0) / p["samples"]
-    parts = ", ".join(
-        f"{k} {100 * v / p['samples']:.0f}%" for k, v in doing.items() if k != "no hold waiting"
+    n, doing = p["samples"], p["doing"]
+    busy = 1 - doing.get("no hold waiting", 0) / n
+    line = (
+        f"    lock: a hold waiting in {100 * busy:.0f}% of {n} samples (mean {p['mean_waiting']:.1f} waiting)"
     )
-    line = f"    lock: a hold waiting in {100 * busy:.0f}% of {p['samples']} samples"
-    line += f" (mean {p['mean_waiting']:.1f} waiting)"
     if r["throughput"] and r.get("hot") and busy > 0.5:  # holds queue on the type: it bounds them
         line += f"; held ~{1e3 * busy / r['throughput']:.2f} ms per hold (waited-for share / holds per s)"
     print(line)
-    if parts:
-        print(f"    lock holder: {parts}")
+    parts = []
+    for group, details in sorted(holder_shares(doing).items(), key=lambda g: -sum(g[1].values())):
+        share = f"{group} {100 * sum(details.values()) / n:.0f}%"
+        if group == "app's turn":
+            shown = [f"{k} {100 * v / n:.0f}" for k, v in details.items() if v >= n / 100]
+            share += f" ({', '.join(shown)})" if shown else ""
+        parts.append(share)
+    if parts and busy > 0.05:
+        print(f"    lock holder: {', '.join(parts)}")
     if "lock_held_ms" in r:
         m = r["lock_held_ms"]
         print(
