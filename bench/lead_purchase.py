@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +70,6 @@ BaselineSql = dict[str, tuple[str, list[str]]]  # statement -> (SQL as sent, its
 
 def baseline_sql() -> BaselineSql:
     """The SQL of each statement the baseline sends, compiled from the service modules' statements."""
-    from sqlalchemy.dialects.postgresql.asyncpg import dialect
-
     from app.credits import service as credits
     from app.idempotency import service as keys
     from app.leads import service as leads
@@ -90,6 +88,13 @@ def baseline_sql() -> BaselineSql:
         "outbox insert": notifications._ENQUEUE,  # notifications.enqueue_emails
         "key finish": keys._FINISH,  # Step.finish
     }
+    return compile_statements(statements)
+
+
+def compile_statements(statements: dict[str, Any]) -> BaselineSql:
+    """Each statement as SQLAlchemy's asyncpg dialect sends it: its text and its parameters in $n order."""
+    from sqlalchemy.dialects.postgresql.asyncpg import dialect
+
     out: BaselineSql = {}
     for name, statement in statements.items():
         compiled = statement.compile(dialect=dialect())
@@ -342,107 +347,90 @@ class _CpuWatch:
         return cores | {"seconds": wall}
 
 
-async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
-    kind, mode = spec["kind"], spec["mode"]
+def bearer_tokens(users: list[str], secret: str) -> dict[str, str]:
+    """An HS256 bearer token per user, valid for an hour (what `payguard token` issues)."""
+    import jwt
+
+    issued = int(time.time())
+    return {
+        u: jwt.encode({"sub": u, "iat": issued, "exp": issued + 3600}, secret, algorithm="HS256")
+        for u in users
+    }
+
+
+class HttpClients:
+    """One keep-alive connection per client; client i talks to server i % len(ports) (round-robin)."""
+
+    def __init__(self, ports: list[int], samples: list[str]) -> None:
+        self._ports, self._samples = ports, samples
+        self.slots: list[list[Any]] = []  # [connection, port] per client
+
+    async def _connect(self, port: int) -> _HttpConnection:
+        _, conn = await asyncio.get_running_loop().create_connection(_HttpConnection, "127.0.0.1", port)
+        return conn
+
+    async def open(self, clients: int) -> None:
+        for i in range(clients):
+            port = self._ports[i % len(self._ports)]
+            self.slots.append([await self._connect(port), port])
+
+    async def close(self) -> None:
+        for s in self.slots:
+            s[0].close()
+
+    async def send(self, slot: list[Any], request: Callable[[int], bytes]) -> int:
+        """Send `request(port)` on the client's connection; its status (0: connection lost)."""
+        conn, port = slot
+        if not conn.connected:  # closed by the server while idle (keep-alive timeout): not an error
+            conn = slot[0] = await self._connect(port)
+        status: int
+        body: bytes
+        try:
+            status, body = await conn.request(request(port))
+        except ConnectionError as exc:
+            conn.close()
+            slot[0] = await self._connect(port)
+            status, body = 0, str(exc).encode()
+        if status != 201 and len(self._samples) < 5:
+            self._samples.append(f"{status} {body[:300]!r}")
+        return status
+
+
+async def baseline_pool(spec: dict[str, Any]) -> Any:
+    """The baseline's asyncpg pool of `spec['pool']` connections, set up like the service's engine."""
+    import asyncpg
+
+    async def no_reset(_conn: Any) -> None:
+        return None  # like SQLAlchemy's pool: nothing sent to the server on check-in
+
+    return await asyncpg.create_pool(
+        host=spec["socket_dir"],
+        user="postgres",
+        database=spec["database"],
+        min_size=spec["pool"],
+        max_size=spec["pool"],
+        reset=no_reset,
+        server_settings=spec["server_settings"],
+    )
+
+
+Take = Callable[[], Any]  # the next request's input, or None when there is nothing left to ask for
+Call = Callable[[Any, Any, str], Awaitable[int]]  # (client's slot, input, user) -> status
+# (start, end of the measured window) -> figures of its own
+Probe = Callable[[float, float], Coroutine[Any, Any, dict[str, Any]]]
+
+
+async def run_load(
+    spec: dict[str, Any], slots: list[Any], take: Take, call: Call, probe: Probe | None = None
+) -> dict[str, Any]:
+    """The closed or open loop of `spec` over `slots` (one per client), with latencies and CPU.
+
+    Closed loop: each client sends back to back for warm-up + duration. Open loop: arrivals at
+    `spec['rate']`, each on the first free client, its latency counted from its scheduled arrival.
+    `probe`, if given, runs beside the load over the measured window; its figures come back as `probe`.
+    """
     users: list[str] = spec["users"]
-    next_lead: int = spec["lead_lo"]
-    last_lead: int = spec["lead_hi"]
     clients: int = spec["clients"]
-
-    def take_lead() -> int | None:
-        nonlocal next_lead
-        if next_lead >= last_lead:
-            return None
-        next_lead += 1
-        return next_lead - 1
-
-    # --- the request, as a coroutine `call(slot, lead_id, user) -> status` -------------------------------
-    slots: list[Any] = []
-    samples: list[str] = []
-    cleanup: list[Callable[[], Awaitable[None]]] = []
-    if kind == "http":
-        import jwt
-
-        ports: list[int] = spec["ports"]
-        issued = int(time.time())
-        tokens = {
-            u: jwt.encode({"sub": u, "iat": issued, "exp": issued + 3600}, spec["secret"], algorithm="HS256")
-            for u in users
-        }
-        loop = asyncio.get_running_loop()
-
-        async def connect(port: int) -> _HttpConnection:
-            _, conn = await loop.create_connection(_HttpConnection, "127.0.0.1", port)
-            return conn
-
-        for i in range(clients):  # client i talks to server i % len(ports), like a round-robin balancer
-            port = ports[i % len(ports)]
-            slots.append([await connect(port), port])
-
-        async def close_http() -> None:
-            for s in slots:
-                s[0].close()
-
-        cleanup.append(close_http)
-
-        async def call(slot: Any, lead_id: int, user: str) -> int:
-            conn, port = slot
-            if not conn.connected:  # closed by the server while idle (keep-alive timeout): not an error
-                conn = slot[0] = await connect(port)
-            data = (
-                f"POST /v1/leads/{lead_id}/purchase HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                f"Authorization: Bearer {tokens[user]}\r\nIdempotency-Key: bench-{lead_id}\r\n"
-                "Content-Length: 0\r\n\r\n"
-            ).encode()
-            status: int
-            body: bytes
-            try:
-                status, body = await conn.request(data)
-            except ConnectionError as exc:
-                conn.close()
-                slot[0] = await connect(port)
-                status, body = 0, str(exc).encode()
-            if status != 201 and len(samples) < 5:
-                samples.append(f"{status} {body[:300]!r}")
-            return status
-
-    else:
-        import asyncpg
-
-        async def no_reset(_conn: Any) -> None:
-            return None  # like SQLAlchemy's pool: nothing sent to the server on check-in
-
-        pool = await asyncpg.create_pool(
-            host=spec["socket_dir"],
-            user="postgres",
-            database=spec["database"],
-            min_size=spec["pool"],
-            max_size=spec["pool"],
-            reset=no_reset,
-            server_settings=spec["server_settings"],
-        )
-
-        async def close_pool() -> None:
-            await pool.close()
-
-        cleanup.append(close_pool)
-        slots = [None] * clients
-        purchase = baseline_purchase(
-            pool.acquire,
-            spec["statements"],
-            rate_limit=spec["rate_limit"],
-            window_s=RATE_WINDOW_S,
-        )
-
-        async def call(slot: Any, lead_id: int, user: str) -> int:
-            try:
-                return await purchase(lead_id, user)
-            except Exception as exc:
-                if len(samples) < 5:
-                    samples.append(f"{type(exc).__name__}: {exc}")
-                return 0
-
-    # --- the load: closed or open loop --------------------------------------------------------------------
     statuses: Counter[int] = Counter()  # every answer, warm-up included (for the final SQL check)
     window_statuses: Counter[int] = Counter()
     latencies: list[float] = []
@@ -470,19 +458,20 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         return cpu.stop()
 
     watcher = asyncio.create_task(cpu_window())
+    probing = asyncio.create_task(probe(t_measure, t_end)) if probe is not None else None
 
-    if mode == "closed":
+    if spec["mode"] == "closed":
 
         async def client(i: int) -> None:
             nonlocal exhausted
             user = users[i % len(users)]
             while time.perf_counter() < t_end:
-                lead_id = take_lead()
-                if lead_id is None:
+                item = take()
+                if item is None:
                     exhausted = True
                     return
                 started = time.perf_counter()
-                status = await call(slots[i], lead_id, user)
+                status = await call(slots[i], item, user)
                 record(status, started, time.perf_counter())
 
         await asyncio.gather(*(client(i) for i in range(clients)))
@@ -493,10 +482,10 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             free.put_nowait(s)
         inflight: set[asyncio.Task[None]] = set()
 
-        async def one(n: int, lead_id: int, due: float) -> None:
+        async def one(n: int, item: Any, due: float) -> None:
             slot = await free.get()
             try:
-                status = await call(slot, lead_id, users[n % len(users)])
+                status = await call(slot, item, users[n % len(users)])
             finally:
                 free.put_nowait(slot)
             record(status, due, time.perf_counter())  # latency from the scheduled arrival
@@ -510,13 +499,13 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             if due > now:
                 await asyncio.sleep(due - now)
                 now = time.perf_counter()
-            lead_id = take_lead()
-            if lead_id is None:
+            item = take()
+            if item is None:
                 exhausted = True
                 break
             if due >= t_measure:
                 lags.append(now - due)
-            task = asyncio.create_task(one(n, lead_id, due))
+            task = asyncio.create_task(one(n, item, due))
             inflight.add(task)
             task.add_done_callback(inflight.discard)
             n += 1
@@ -524,9 +513,7 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             await asyncio.gather(*inflight)
 
     cpu_use = await watcher
-    for close in cleanup:
-        await close()
-
+    probed = await probing if probing is not None else None
     latencies.sort()
 
     def pct(q: float) -> float | None:
@@ -537,8 +524,8 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     lags.sort()
     return {
         "label": spec["label"],
-        "kind": kind,
-        "mode": mode,
+        "kind": spec["kind"],
+        "mode": spec["mode"],
         "clients": clients,
         "rate": spec.get("rate"),
         "seconds": duration,
@@ -551,21 +538,82 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         "mean": (sum(latencies) / len(latencies) * 1e3) if latencies else None,
         "window_statuses": {str(k): v for k, v in sorted(window_statuses.items())},
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "leads_used": next_lead - spec["lead_lo"],
         "exhausted": exhausted,
         "dispatch_lag_p99_ms": lags[min(len(lags) - 1, math.ceil(0.99 * len(lags)) - 1)] * 1e3
         if lags
         else None,
         "cpu": cpu_use,
-        "samples": samples,
+        "probe": probed,
+        "window": [t_measure, t_end],  # time.perf_counter() in the load generator's process
     }
 
 
-def _worker_main(raw: str) -> None:
+async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    next_lead: int = spec["lead_lo"]
+    last_lead: int = spec["lead_hi"]
+
+    def take_lead() -> int | None:
+        nonlocal next_lead
+        if next_lead >= last_lead:
+            return None
+        next_lead += 1
+        return next_lead - 1
+
+    # --- the request, as a coroutine `call(slot, lead_id, user) -> status` -------------------------------
+    samples: list[str] = []
+    slots: list[Any]
+    call: Call
+    close: Callable[[], Awaitable[None]]
+    if spec["kind"] == "http":
+        tokens = bearer_tokens(spec["users"], spec["secret"])
+        http = HttpClients(spec["ports"], samples)
+        await http.open(spec["clients"])
+        slots, close = http.slots, http.close
+
+        async def call_http(slot: Any, lead_id: int, user: str) -> int:
+            def request(port: int) -> bytes:
+                return (
+                    f"POST /v1/leads/{lead_id}/purchase HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"Authorization: Bearer {tokens[user]}\r\nIdempotency-Key: bench-{lead_id}\r\n"
+                    "Content-Length: 0\r\n\r\n"
+                ).encode()
+
+            return await http.send(slot, request)
+
+        call = call_http
+    else:
+        pool = await baseline_pool(spec)
+        slots, close = [None] * spec["clients"], pool.close
+        purchase = baseline_purchase(
+            pool.acquire,
+            spec["statements"],
+            rate_limit=spec["rate_limit"],
+            window_s=RATE_WINDOW_S,
+        )
+
+        async def call_sql(slot: Any, lead_id: int, user: str) -> int:
+            try:
+                return await purchase(lead_id, user)
+            except Exception as exc:
+                if len(samples) < 5:
+                    samples.append(f"{type(exc).__name__}: {exc}")
+                return 0
+
+        call = call_sql
+
+    try:
+        result = await run_load(spec, slots, take_lead, call)
+    finally:
+        await close()
+    return result | {"leads_used": next_lead - spec["lead_lo"], "samples": samples}
+
+
+def worker_main(raw: str, worker: Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]) -> None:
+    """A load generator process: run `worker` on the JSON spec, print its result as one JSON line."""
     import uvloop  # a project dependency, as in serve and the worker
 
     uvloop.install()
-    result = asyncio.run(_worker(json.loads(raw)))
+    result = asyncio.run(worker(json.loads(raw)))
     print(json.dumps(result), flush=True)
 
 
@@ -657,8 +705,9 @@ async def _verify(conn: Any) -> dict[str, Any]:
     return dict(row)
 
 
-def _run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+def run_worker(spec: dict[str, Any], timeout: float, script: str = __file__) -> dict[str, Any]:
+    """Run `script --worker '<spec>'` (a load generator in its own process) and return its result."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", json.dumps(spec)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0 or not done.stdout.strip():
         raise RuntimeError(
@@ -754,7 +803,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.worker:
-        _worker_main(args.worker)
+        worker_main(args.worker, _worker)
         return 0
 
     from app.config import Settings
@@ -822,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
         def phase(label: str, base: dict[str, Any], **spec: Any) -> dict[str, Any]:
             nonlocal cursor
             spec = common | base | spec | {"label": label, "lead_lo": cursor, "lead_hi": lead_hi}
-            r = _run_worker(spec, phase_timeout)
+            r = run_worker(spec, phase_timeout)
             cursor += r["leads_used"]
             results.append(r)
             _print_phase(r)

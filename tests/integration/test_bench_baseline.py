@@ -10,20 +10,14 @@ different lock clause, column list or literal shows up as a text difference.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
-
-import asyncpg
-from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from app.db.embedded import EmbeddedPostgres
 from bench.lead_purchase import baseline_purchase, baseline_sql
 from tests.fixtures.app import AppFactory, auth, create_lead, grant
+from tests.fixtures.baseline import Recorder, connect, recording, twin_database
 
 BUYER = "bench-buyer"
-Sent = list[str | tuple[str, tuple[Any, ...]]]  # "BEGIN" / "COMMIT" / "ROLLBACK", or (SQL, parameters)
 
 # what a purchase leaves behind, as a buyer and the operator would look at it
 _OUTCOME = """
@@ -39,49 +33,6 @@ SELECT (SELECT row(status, buyer_id)::text FROM leads WHERE id = $1) AS lead,
 """
 
 
-class _Recorder:
-    """An asyncpg connection that notes what it sends, handed out as a pool's `acquire` would."""
-
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self.conn = conn
-        self.sent: Sent = []
-
-    @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[_Recorder]:
-        yield self
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[None]:
-        self.sent.append("BEGIN")
-        try:
-            async with self.conn.transaction():
-                yield
-        except BaseException:
-            self.sent.append("ROLLBACK")
-            raise
-        self.sent.append("COMMIT")
-
-    async def execute(self, sql: str, *args: Any) -> Any:
-        self.sent.append((sql, args))
-        return await self.conn.execute(sql, *args)
-
-    async def fetchval(self, sql: str, *args: Any) -> Any:
-        self.sent.append((sql, args))
-        return await self.conn.fetchval(sql, *args)
-
-    async def fetchrow(self, sql: str, *args: Any) -> Any:
-        self.sent.append((sql, args))
-        return await self.conn.fetchrow(sql, *args)
-
-    async def fetch(self, sql: str, *args: Any) -> Any:
-        self.sent.append((sql, args))
-        return await self.conn.fetch(sql, *args)
-
-
-async def _connect(pg: EmbeddedPostgres, database: str) -> asyncpg.Connection:
-    return await asyncpg.connect(host=pg.socket_dir, user="postgres", database=database)
-
-
 async def test_the_baseline_sends_what_a_purchase_over_http_sends(
     make_client: AppFactory, pg: EmbeddedPostgres, db_url: str
 ) -> None:
@@ -91,36 +42,16 @@ async def test_the_baseline_sends_what_a_purchase_over_http_sends(
     await grant(client, BUYER, 100)
     lead_id = await create_lead(client, price=10, title="bench lead")
 
-    # the baseline's database: this one as it is now (no session may be open on it while it is copied)
+    # the baseline's database: this one as it is now
     engine = services.sessions.kw["bind"]
-    await engine.dispose()
-    database = make_url(db_url).database
-    twin = f"{database}_baseline"
-    admin = await _connect(pg, "postgres")
-    try:
-        await admin.execute(f'CREATE DATABASE "{twin}" TEMPLATE "{database}"')
-
-        by_service: Sent = []
-        hooks: dict[str, Any] = {
-            "before_cursor_execute": lambda _c, _cur, sql, params, _ctx, _many: by_service.append(
-                (sql, tuple(params))
-            ),
-            "begin": lambda _c: by_service.append("BEGIN"),
-            "commit": lambda _c: by_service.append("COMMIT"),
-            "rollback": lambda _c: by_service.append("ROLLBACK"),
-        }
-        for name, hook in hooks.items():
-            event.listen(engine.sync_engine, name, hook)
-        try:
+    async with twin_database(pg, db_url, engine) as twin:
+        with recording(engine) as by_service:
             r = await client.post(
                 f"/v1/leads/{lead_id}/purchase", headers=auth(BUYER, key=f"bench-{lead_id}")
             )
-        finally:
-            for name, hook in hooks.items():
-                event.remove(engine.sync_engine, name, hook)
         assert r.status_code == 201, r.text
 
-        baseline = _Recorder(await _connect(pg, twin))
+        baseline = Recorder(await connect(pg, twin))
         try:
             purchase = baseline_purchase(
                 baseline.acquire,
@@ -133,14 +64,11 @@ async def test_the_baseline_sends_what_a_purchase_over_http_sends(
         finally:
             await baseline.conn.close()
         await engine.dispose()
-        service_db = await _connect(pg, database)
+        service_db = await connect(pg, make_url(db_url).database or "")
         try:
             after_service = await service_db.fetchrow(_OUTCOME, lead_id, BUYER)
         finally:
             await service_db.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{twin}" WITH (FORCE)')
-        await admin.close()
 
     assert baseline.sent == by_service
     # not two empty lists: the service sent every statement the baseline takes from it
