@@ -204,8 +204,7 @@ def baseline_hold(
                 async with c.transaction():
                     if key_id is not None and await c.fetchval(*key_fence(key_id=key_id, token=1)) is None:
                         raise _Reject(409)
-                    ticket_type = await c.fetchrow(*type_lock(type_id=type_id))
-                    if ticket_type is None:
+                    if await c.fetchval(*type_lock(type_id=type_id)) is None:
                         raise _Reject(404)
                     locked = time.perf_counter()
                     held = await c.fetchrow(
@@ -214,8 +213,6 @@ def baseline_hold(
                             type_id=type_id,
                             quantity=QUANTITY,
                             ttl_s=ttl_s,
-                            sold=ticket_type["sold"],
-                            capacity=ticket_type["capacity"],
                         )
                     )
                     if held is None:

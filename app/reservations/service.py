@@ -65,17 +65,19 @@ _HELD = (
     "(SELECT coalesce(sum(r.quantity), 0) FROM reservations r WHERE r.ticket_type_id = :type_id"  # noqa: S608
     f" AND r.status = '{ACTIVE}' AND r.expires_at > now())"
 )
-_LOCK_TYPE = text("SELECT capacity, sold FROM ticket_types WHERE id = :type_id FOR UPDATE")
+# what is left of ticket type :type_id: capacity less sold tickets and unexpired holds
+_LEFT = f"capacity - sold - {_HELD}"
+_LOCK_TYPE = text("SELECT id FROM ticket_types WHERE id = :type_id FOR UPDATE")
 # a statement of its own after _LOCK_TYPE: its snapshot includes every hold committed before the lock
 _HOLD = text(
-    "INSERT INTO reservations (user_id, ticket_type_id, quantity, status, expires_at)"
-    f" SELECT :user_id, :type_id, CAST(:quantity AS integer), '{ACTIVE}',"
+    "INSERT INTO reservations (user_id, ticket_type_id, quantity, status, expires_at)"  # noqa: S608
+    f" SELECT :user_id, id, CAST(:quantity AS integer), '{ACTIVE}',"
     " now() + make_interval(secs => CAST(:ttl_s AS double precision))"
-    f" WHERE CAST(:sold AS bigint) + {_HELD} + CAST(:quantity AS integer) <= CAST(:capacity AS bigint)"
+    f" FROM ticket_types WHERE id = :type_id AND {_LEFT} >= CAST(:quantity AS integer)"
     " RETURNING id, expires_at"
 )
 _TYPE = text(
-    f"SELECT id, name, capacity, capacity - sold - {_HELD} AS available, price, currency"  # noqa: S608
+    f"SELECT id, name, capacity, {_LEFT} AS available, price, currency"  # noqa: S608
     " FROM ticket_types WHERE id = :type_id"
 )
 # what a reservation is now: an active hold past its expiry reads as expired
@@ -156,8 +158,7 @@ async def _hold(services: Services, key: Key) -> Finish:
     )
     type_id, quantity = key.params["ticket_type_id"], key.params["quantity"]
     async with step(services.sessions, key) as st:
-        ticket_type = (await st.conn.execute(_LOCK_TYPE, {"type_id": type_id})).first()
-        if ticket_type is None:
+        if (await st.conn.scalar(_LOCK_TYPE, {"type_id": type_id})) is None:
             raise NotFound(f"no ticket type {type_id}")
         held = (
             await st.conn.execute(
@@ -167,8 +168,6 @@ async def _hold(services: Services, key: Key) -> Finish:
                     "type_id": type_id,
                     "quantity": quantity,
                     "ttl_s": settings.reservation_ttl_s,
-                    "sold": ticket_type.sold,
-                    "capacity": ticket_type.capacity,
                 },
             )
         ).first()
@@ -355,7 +354,7 @@ _PAID = (
 _BY_INTENT = text(_PAID)
 _LOCK_BY_INTENT = text(_PAID + " FOR UPDATE OF r")
 # a statement after _LOCK_TYPE (see _HOLD): what is left once sold tickets and unexpired holds count
-_ROOM = text(f"SELECT capacity - sold - {_HELD} FROM ticket_types WHERE id = :type_id")  # noqa: S608
+_ROOM = text(f"SELECT {_LEFT} FROM ticket_types WHERE id = :type_id")  # noqa: S608
 _SELL = text("UPDATE ticket_types SET sold = sold + :quantity WHERE id = :type_id")
 _SET_STATUS = text("UPDATE reservations SET status = :status, updated_at = now() WHERE id = :id")
 _ISSUE = text(
@@ -378,8 +377,12 @@ async def _fits(conn: AsyncConnection, r: Any, *, lock: bool) -> bool:
     return bool(room is not None and room >= r.quantity)
 
 
+def _priced_as_paid(r: Any, amount: int, currency: str) -> bool:
+    return bool((r.amount, r.currency) == (amount, currency.lower()))
+
+
 def _check_amount(r: Any, amount: int, currency: str) -> None:
-    if (r.amount, r.currency) != (amount, currency.lower()):
+    if not _priced_as_paid(r, amount, currency):
         PURCHASES.labels(PurchaseKind.TICKETS, PurchaseOutcome.MISMATCH).inc()
         raise NeedsHuman(
             f"Stripe reports {amount} {currency} for reservation {r.id},"
@@ -395,7 +398,7 @@ async def refund_if_no_room(services: Services, *, intent_id: str, amount: int, 
     async with services.sessions() as session:
         conn = await session.connection()
         r = (await conn.execute(_BY_INTENT, {"intent_id": intent_id})).first()
-        if r is None or r.status in _FINAL or (r.amount, r.currency) != (amount, currency.lower()):
+        if r is None or r.status in _FINAL or not _priced_as_paid(r, amount, currency):
             return False  # not ours, done already, or a mismatch the commit reports
         if await _fits(conn, r, lock=False):
             return False
