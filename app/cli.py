@@ -1,4 +1,4 @@
-"""payguard serve | worker | jobs | migrate | token (operator and demo arrive with their issues)."""
+"""payguard serve | worker | operator | jobs | migrate | token (demo arrives with its issue)."""
 
 from __future__ import annotations
 
@@ -163,6 +163,20 @@ def worker(settings: Settings, args: argparse.Namespace) -> None:
         # the loop serve runs on too: its socket I/O is most of the worker's CPU (docs/performance.md)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:
             loop_runner.run(run(url))
+
+
+def operator(settings: Settings, args: argparse.Namespace) -> None:
+    """The FailedOperation operator (code in operator/, imported only here: app never depends on it)."""
+    import asyncio
+
+    from app.db.migrate import upgrade
+    from payguard_operator.main import operate
+
+    if settings.retry_driver != "kubernetes":  # the worker would retry them too: say so, do not race it
+        raise ConfigError("payguard operator needs PAYGUARD_RETRY_DRIVER=kubernetes, in the workers too")
+    with database(settings) as url:
+        upgrade(url)
+        asyncio.run(operate(settings, url))
 
 
 def jobs(settings: Settings, args: argparse.Namespace) -> None:
@@ -368,13 +382,23 @@ def parser() -> argparse.ArgumentParser:
         database,
         data_dir,
         "  SMTP_HOST            outgoing mail server; unset: emails wait in the outbox as held",
-        "  PAYGUARD_RETRY_DRIVER local: this worker retries failed operations (the only driver so far)",
+        "  PAYGUARD_RETRY_DRIVER local: this worker retries failed operations; kubernetes: the operator does",
     )
     w.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics (default 127.0.0.1)")
     w.add_argument(
         "--metrics-port", type=_port_or_off, default=9100, help="port of /metrics, 0 for none (default 9100)"
     )
     w.set_defaults(run=worker)
+    o = command(
+        "operator",
+        "mirror failed operations as FailedOperation resources and retry them (Kopf) until SIGTERM",
+        database,
+        "  PAYGUARD_RETRY_DRIVER must be kubernetes (here and in every worker)",
+        "  KUBECONFIG           outside a pod, the cluster and namespace to use (in a pod: its own)",
+        "  PAYGUARD_KUBE_NAMESPACE the resources' namespace (default: the pod's, or the context's)",
+        "  PAYGUARD_OPERATOR_LIVENESS liveness endpoint (default http://0.0.0.0:8080/healthz)",
+    )
+    o.set_defaults(run=operator)
     j = command(
         "jobs",
         "run one job once and print its run record: cleanup (every 5 min), health (hourly) or reconcile"

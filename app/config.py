@@ -23,6 +23,7 @@ Seconds = Annotated[float, msgspec.Meta(gt=0, le=86_400)]  # also refuses nan an
 Milliseconds = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]  # PostgreSQL's timeouts are int4
 BigPositive = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]  # fits a BIGINT column
 Retention = Annotated[int, msgspec.Meta(ge=60, le=10 * 365 * 86_400)]  # seconds, a minute to ten years
+KubeName = Annotated[str, msgspec.Meta(pattern="^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]  # a DNS label
 Rate = Annotated[float, msgspec.Meta(ge=0, le=1)]  # a share: 0.05 is 5 %
 
 
@@ -101,6 +102,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retry_base_delay_s: Seconds = 10.0  # first retry after 5-10 s, then doubling
     retry_max_delay_s: Seconds = 3_600.0
     replay_max_events: Positive = 10_000  # one replay request handles at most this many events
+
+    # `payguard operator` (retry_driver kubernetes): FailedOperation resources
+    kube_namespace: KubeName | None = None  # the resources' namespace; by default the pod's or the context's
+    operator_resync_s: Seconds = 30.0  # how often every mirror is compared with its row
+    operator_finished_ttl_s: Retention = 86_400  # succeeded and discarded resources are deleted after this
+    operator_peering: KubeName = "payguard"  # the KopfPeering object: one active operator replica
+    operator_liveness: str = "http://0.0.0.0:8080/healthz"  # the liveness probe's endpoint
 
     # idempotency keys
     idempotency_lock_timeout_s: Seconds = 90.0  # a crashed request's lock becomes takeable
@@ -235,9 +243,5 @@ def _check(s: Settings) -> None:
     ids = [p.id for p in s.credit_packages]
     if repeated := sorted({i for i in ids if ids.count(i) > 1}):
         raise ConfigError(f"PAYGUARD_CREDIT_PACKAGES: package ids must be unique; repeated: {repeated}")
-    if s.retry_driver == "kubernetes":  # nothing would retry failed operations: refuse, do not pretend
-        raise ConfigError(
-            "PAYGUARD_RETRY_DRIVER=kubernetes needs the FailedOperation operator, not built yet: use local"
-        )
     if s.database_url is not None and not s.database_url.startswith(("postgresql", "postgres")):
         raise ConfigError("DATABASE_URL must be a PostgreSQL URL")

@@ -4,6 +4,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Index,
@@ -66,6 +67,7 @@ class FailedOperation(Base):
     attempts: Mapped[int] = mapped_column(Integer)  # every attempt, the first failure included
     max_attempts: Mapped[int] = mapped_column(Integer)  # 1 + the kind's retry budget
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    suspended: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))  # no claim starts it
     last_error: Mapped[str | None] = mapped_column(Text)
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default="[]")
     lease_token: Mapped[int | None] = mapped_column(BigInteger)

@@ -15,6 +15,7 @@ class FailedOperationOut(msgspec.Struct, kw_only=True):
     max_attempts: int
     last_error: str | None
     next_attempt_at: datetime | None
+    suspended: bool
     created_at: datetime
     updated_at: datetime
 

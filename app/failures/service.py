@@ -10,6 +10,9 @@ Kubernetes its mirror is a FailedOperation resource. Whatever drives the retries
 from __future__ import annotations
 
 import random
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -19,6 +22,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.config import Settings
+from app.errors.scrub import scrub_text
 from app.failures import engine
 from app.failures.engine import NotRetryable, Policy, RetryState
 from app.failures.models import FailedOperation, FailureStatus, OperationKind
@@ -64,6 +68,8 @@ def _entry(attempt: int, now: datetime, error: str | None, outcome: str) -> list
     return [{"attempt": attempt, "at": now.isoformat(), "outcome": outcome, "error": error}]
 
 
+# wakes whatever drives retries (the worker, or the operator, which also mirrors new rows)
+_NOTIFY_RETRIES = text(f"SELECT pg_notify('{WORK_CHANNEL}', 'failed_operations')")
 _INSERT = text(
     "INSERT INTO failed_operations (kind, reference, item_id, payload, status, attempts, max_attempts,"
     " next_attempt_at, last_error, history, trace_context) VALUES (:kind, :reference, :item_id, :payload,"
@@ -110,6 +116,8 @@ async def record_failure(
             "trace_context": trace_context or {},
         },
     )
+    if settings.retry_driver == "kubernetes":  # at commit, the operator mirrors it as a resource
+        await conn.execute(_NOTIFY_RETRIES)
     return state
 
 
@@ -120,7 +128,8 @@ _COLUMNS = (
 # statuses inlined, not bound: a cached generic plan can then use the partial index (leases.py)
 CLAIM = claim_statement(
     "failed_operations",
-    f"t.status IN ('{FailureStatus.PENDING}', '{FailureStatus.RETRYING}') AND t.next_attempt_at <= now()",
+    f"t.status IN ('{FailureStatus.PENDING}', '{FailureStatus.RETRYING}') AND t.next_attempt_at <= now()"
+    " AND NOT t.suspended",
     "t.next_attempt_at",
     _COLUMNS,
 )
@@ -211,6 +220,7 @@ def _out(r: FailedOperation) -> FailedOperationOut:
         max_attempts=r.max_attempts,
         last_error=r.last_error,
         next_attempt_at=r.next_attempt_at,
+        suspended=r.suspended,
         created_at=r.created_at,
         updated_at=r.updated_at,
     )
@@ -225,9 +235,6 @@ async def get_failed_operation(services: Services, op_id: int) -> FailureDetail:
     return FailureDetail(
         **msgspec.structs.asdict(_out(row)), item_id=row.item_id, payload=row.payload, history=history
     )
-
-
-_NOTIFY_RETRIES = text(f"SELECT pg_notify('{WORK_CHANNEL}', 'failed_operations')")
 
 
 async def retry_failed_operation(services: Services, op_id: int) -> FailedOperationOut:
@@ -267,6 +274,88 @@ async def discard_failed_operation(services: Services, op_id: int) -> FailedOper
         operation: Operation = services.operations[row.kind]
         await operation.give_up(await session.connection(), row.item_id)
     return _out(row)
+
+
+async def suspend_failed_operation(services: Services, op_id: int, suspended: bool) -> FailedOperationOut:
+    """Pause or resume: while suspended, no attempt starts (one already running finishes)."""
+    async with services.sessions() as session, session.begin():
+        row = await session.get(FailedOperation, op_id, with_for_update=True)
+        if row is None:
+            raise NotFound(f"no failed operation {op_id}")
+        if row.suspended != suspended:
+            row.suspended = suspended
+            row.updated_at = await session.scalar(text("SELECT now()"))
+            if not suspended:
+                await session.execute(_NOTIFY_RETRIES)
+    return _out(row)
+
+
+MIRROR_ERROR_CHARS = 256  # a resource shows a diagnosis; the row keeps the whole error
+_EMAIL_ADDRESS = re.compile(r"[^\s<>@\"',;:()\[\]]++@[^\s<>@\"',;:()\[\]]++")
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """What a FailedOperation resource may show of a row: no payload, no addresses, no secrets."""
+
+    id: int
+    kind: str
+    reference: str
+    status: FailureStatus
+    attempts: int
+    max_attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    suspended: bool
+    expired: bool  # succeeded or discarded longer ago than the mirrors' TTL: its resource goes
+
+
+_MIRRORS = text(
+    "SELECT id, kind, reference, status, attempts, max_attempts, next_attempt_at, last_error, suspended,"
+    " status IN (:succeeded, :discarded) AND updated_at < now() - make_interval(secs => :ttl_s) AS expired"
+    " FROM failed_operations WHERE (:needing AND status IN (:pending, :retrying, :dead)) OR id = ANY(:ids)"
+    " ORDER BY id"
+)
+
+
+def shown_error(error: str | None) -> str | None:
+    """An error as a resource may show it: scrubbed of secrets and addresses, and short."""
+    if error is None:
+        return None
+    shown = _EMAIL_ADDRESS.sub("[REDACTED:email]", scrub_text(error))
+    return shown if len(shown) <= MIRROR_ERROR_CHARS else shown[: MIRROR_ERROR_CHARS - 1] + "…"
+
+
+async def mirrors(services: Services, ids: Collection[int], *, needing: bool) -> list[Mirror]:
+    """The rows `ids`, whatever their status, and if `needing`, every row that needs a resource
+    (pending, retrying, dead)."""
+    params = {
+        "pending": FailureStatus.PENDING,
+        "retrying": FailureStatus.RETRYING,
+        "dead": FailureStatus.DEAD,
+        "succeeded": FailureStatus.SUCCEEDED,
+        "discarded": FailureStatus.DISCARDED,
+        "ttl_s": services.settings.operator_finished_ttl_s,
+        "ids": list(ids),
+        "needing": needing,
+    }
+    async with services.engine.connect() as conn:
+        rows = (await conn.execute(_MIRRORS, params)).all()
+    return [
+        Mirror(
+            r.id,
+            r.kind,
+            r.reference,
+            FailureStatus(r.status),
+            r.attempts,
+            r.max_attempts,
+            r.next_attempt_at,
+            shown_error(r.last_error),
+            r.suspended,
+            r.expired,
+        )
+        for r in rows
+    ]
 
 
 _DUE = text(

@@ -30,6 +30,7 @@ log = logging.getLogger("payguard.worker")
 # events per transaction: a batch's effects are applied set by set (app/webhooks/tasks.py)
 EVENTS_PER_TRANSACTION = 100
 Handle = Callable[[Services, list[Claimed]], Awaitable[object]]
+AfterRetry = Callable[[Claimed, str], Awaitable[None]]  # (item, outcome): the operator mirrors it
 
 
 def one_at_a_time(handle: Callable[[Services, Claimed], Awaitable[str]]) -> Handle:
@@ -58,21 +59,36 @@ class Worker:
 
     async def run(self) -> None:
         settings = self.services.settings
-        loops = [
+        loops: list[Awaitable[None]] = [
             # events a batch per transaction (one that fails falls back to one event at a time)
             self._drain(Queue.WEBHOOK_EVENTS, events.CLAIM, events.handle_events, EVENTS_PER_TRANSACTION),
             self._emails(),
         ]
         if settings.retry_driver == "local":  # otherwise the operator drives the retries
-            retry = one_at_a_time(failures.run_retry)
-            loops.append(self._drain(Queue.RETRIES, failures.CLAIM, retry))
+            loops.append(self._retries(None))
+        await self._listening(loops)
+        log.info("worker stopped")
+
+    async def drive_retries(self, after: AfterRetry) -> None:
+        """The failed operations' queue alone, `after` told of each attempt: the operator's driver."""
+        await self._listening([self._retries(after)])
+
+    def _retries(self, after: AfterRetry | None) -> Awaitable[None]:
+        async def retry(services: Services, item: Claimed) -> str:
+            outcome = await failures.run_retry(services, item)
+            if after is not None:
+                await after(item, outcome)
+            return outcome
+
+        return self._drain(Queue.RETRIES, failures.CLAIM, one_at_a_time(retry))
+
+    async def _listening(self, loops: list[Awaitable[None]]) -> None:
         listener = asyncio.create_task(self._listen())
         try:
             await asyncio.gather(*loops)
         finally:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
-        log.info("worker stopped")
 
     async def _emails(self) -> None:
         settings = self.services.settings

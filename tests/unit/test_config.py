@@ -12,12 +12,15 @@ import pytest
 
 from app.config import ENV_VARS, ConfigError, Settings, load_settings
 
-APP = Path(__file__).resolve().parents[2] / "app"
+ROOT = Path(__file__).resolve().parents[2]
+APP = ROOT / "app"
+OPERATOR = ROOT / "operator"
 
 
 def test_every_setting_is_read_by_the_app() -> None:
     # a setting nobody reads promises behaviour that does not exist (no setting without a reader)
-    source = "\n".join(p.read_text(encoding="utf-8") for p in APP.rglob("*.py") if p != APP / "config.py")
+    readers = [*APP.rglob("*.py"), *OPERATOR.rglob("*.py")]
+    source = "\n".join(p.read_text(encoding="utf-8") for p in readers if p != APP / "config.py")
     unread = [f.name for f in msgspec.structs.fields(Settings) if not re.search(rf"\.{f.name}\b", source)]
     assert unread == []
 
