@@ -23,6 +23,7 @@ Seconds = Annotated[float, msgspec.Meta(gt=0, le=86_400)]  # also refuses nan an
 Milliseconds = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]  # PostgreSQL's timeouts are int4
 BigPositive = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]  # fits a BIGINT column
 Retention = Annotated[int, msgspec.Meta(ge=60, le=10 * 365 * 86_400)]  # seconds, a minute to ten years
+Lifetime = Annotated[int, msgspec.Meta(ge=1, le=10 * 365 * 86_400)]  # seconds, up to ten years
 KubeName = Annotated[str, msgspec.Meta(pattern="^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]  # a DNS label
 Rate = Annotated[float, msgspec.Meta(ge=0, le=1)]  # a share: 0.05 is 5 %
 
@@ -106,7 +107,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # `payguard operator` (retry_driver kubernetes): FailedOperation resources
     kube_namespace: KubeName | None = None  # the resources' namespace; by default the pod's or the context's
     operator_resync_s: Seconds = 30.0  # how often every mirror is compared with its row
-    operator_finished_ttl_s: Retention = 86_400  # succeeded and discarded resources are deleted after this
+    operator_finished_ttl_s: Lifetime = 86_400  # succeeded and discarded resources are deleted after this
     operator_peering: KubeName = "payguard"  # the KopfPeering object: one active operator replica
     operator_liveness: str = "http://0.0.0.0:8080/healthz"  # the liveness probe's endpoint
 

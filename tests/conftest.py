@@ -13,7 +13,7 @@ from app.config import Settings, load_settings
 from app.db.embedded import EmbeddedPostgres
 from app.db.migrate import upgrade
 from app.main import create_app
-from tests.fixtures.app import TEST_SECRET, AppFactory, Client, connect
+from tests.fixtures.app import TEST_SECRET, AppFactory, Client, close_client, connect
 from tests.fixtures.serve import postgres_data_dir
 from tests.fixtures.smtp import SmtpServer
 from tests.fixtures.stripe import FakeStripe, start_fake_stripe
@@ -126,9 +126,7 @@ async def make_client(settings_for: Callable[..., Settings], db_url: str) -> Asy
 
     yield build
     for client in opened:
-        await client.aclose()
-        for hook in client.app.on_shutdown:
-            await hook()
+        await close_client(client)
 
 
 @pytest.fixture

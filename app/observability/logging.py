@@ -13,6 +13,7 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 
 # attributes every LogRecord has; anything else was passed in `extra=` and is logged as a field
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_STANDARD |= {"settings"}  # Kopf attaches its whole OperatorSettings to every record of the operator
 
 
 class JsonFormatter(logging.Formatter):

@@ -26,6 +26,12 @@ REGISTRY = kopf.OperatorRegistry()
 FO = (fo.GROUP, fo.VERSION, fo.PLURAL)
 
 
+@kopf.on.login(registry=REGISTRY)
+async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod its service account, elsewhere KUBECONFIG (Kopf's own readers: no client library)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 async def _ours(memo: kopf.Memo, body: kopf.Body) -> Any:
     """The row this resource mirrors, or None (a hand-made resource naming another row acts on nothing)."""
     mirror = await mirror_of(memo.services, (body.get("spec") or {}).get("rowId"))
@@ -40,8 +46,9 @@ async def show_row(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.field(*FO, field="spec.suspend", registry=REGISTRY)
-async def suspend(body: kopf.Body, new: Any, memo: kopf.Memo, **_: Any) -> None:
-    if await _ours(memo, body) is None:
+async def suspend(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, **_: Any) -> None:
+    """spec.suspend pauses or resumes the row's attempts (on creation, the row's own value is there)."""
+    if bool(old) == bool(new) or await _ours(memo, body) is None:
         return
     await suspend_failed_operation(memo.services, body["spec"]["rowId"], bool(new))
     await show(memo.kube, dict(body), await _ours(memo, body))
@@ -80,7 +87,7 @@ async def discard(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.probe(id="resynced_at", registry=REGISTRY)
-def last_resync(memo: kopf.Memo, **_: Any) -> str | None:
+async def last_resync(memo: kopf.Memo, **_: Any) -> str | None:
     """Shown by the liveness endpoint (which answers while the event loop runs; if the driver
     or the resync loop ends, the process exits and the pod restarts)."""
     resynced_at: str | None = memo.resynced_at

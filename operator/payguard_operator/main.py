@@ -35,6 +35,7 @@ from payguard_operator.sync import after_attempt, resync
 
 log = logging.getLogger("payguard.operator")
 FIRST = asyncio.FIRST_COMPLETED
+KOPF_PREFIX = "kopf.payguard.dev"
 
 
 class Driver(Worker):
@@ -52,11 +53,12 @@ class Driver(Worker):
 
 def kopf_settings(settings: Settings) -> kopf.OperatorSettings:
     s = kopf.OperatorSettings()
-    # Kopf's bookkeeping in annotations under our prefix: the status is the row's, nothing else
+    # Kopf's bookkeeping in annotations, not in the status (which is the row's). Not under payguard.dev/:
+    # Kopf ignores every annotation under its storage prefix, and would not see payguard.dev/retry-now.
     s.persistence.finalizer = fo.FINALIZER
-    s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=fo.GROUP)
+    s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=fo.GROUP, key="last-handled-configuration"
+        prefix=KOPF_PREFIX, key="last-handled-configuration"
     )
     s.posting.level = logging.WARNING  # our own Events say what happened; Kopf's only when a handler fails
     s.peering.name = settings.operator_peering
@@ -68,6 +70,7 @@ def kopf_settings(settings: Settings) -> kopf.OperatorSettings:
 
 
 async def operate(settings: Settings, url: str) -> None:
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # lightkube's client logs every request at INFO
     engine = create_engine(settings, url)
     services = build_services(settings, engine)
     kube = Kube.connect(settings.kube_namespace)

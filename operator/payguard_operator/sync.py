@@ -93,5 +93,5 @@ async def resync(services: Services, kube: Kube) -> dict[str, int]:
             await show(kube, await kube.create(mirror), mirror)
             done["created"] += 1
     if any(done.values()):
-        log.info("resynced", extra=done)
+        log.info("resynced", extra={"resync": done})
     return done

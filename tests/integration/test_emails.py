@@ -6,22 +6,10 @@ import asyncpg
 
 from app.failures.models import FailureStatus, OperationKind
 from app.notifications.models import EmailStatus
-from tests.fixtures.app import ADMIN, AppFactory, Client, auth, create_lead, grant, token
+from tests.fixtures.app import ADMIN, AppFactory, auth
+from tests.fixtures.emails import buy_lead, smtp_settings
 from tests.fixtures.smtp import SmtpServer
 from tests.fixtures.worker import FAST_WORKER, running_worker, until, until_settled
-
-
-async def buy_lead(client: Client, user: str = "u1", email: str = "u1@example.com") -> int:
-    await grant(client, user, 100)
-    lead = await create_lead(client, price=10, title="roofing, Austin")
-    headers = {"Authorization": f"Bearer {token(user, email=email)}", "Idempotency-Key": f"lead-{lead}"}
-    r = await client.post(f"/v1/leads/{lead}/purchase", headers=headers)
-    assert r.status_code == 201, r.text
-    return lead
-
-
-def smtp_settings(smtp: SmtpServer, **more: object) -> dict[str, object]:
-    return {**FAST_WORKER, "smtp_host": "127.0.0.1", "smtp_port": smtp.port, "smtp_starttls": False, **more}
 
 
 async def test_a_lead_purchase_email_reaches_the_smtp_server(
