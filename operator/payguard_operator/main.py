@@ -60,6 +60,7 @@ def kopf_settings(settings: Settings) -> kopf.OperatorSettings:
     s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=KOPF_PREFIX, key="last-handled-configuration"
     )
+    s.scanning.disabled = True  # no cluster-wide watch of CRDs and namespaces: a Role is enough (k8s/)
     s.posting.level = logging.WARNING  # our own Events say what happened; Kopf's only when a handler fails
     s.peering.name = settings.operator_peering
     s.peering.mandatory = False  # no KopfPeering object (a dev cluster): one replica, standalone

@@ -27,6 +27,7 @@ from tests.fixtures.app import Client, close_client
 from tests.fixtures.emails import buy_lead, smtp_settings
 from tests.fixtures.kube import KubeAPI
 from tests.fixtures.operator import NAMESPACE, OperatorProcess, history, kubectl, operator_env, phase
+from tests.fixtures.rbac import access_of, granted, role_rules
 from tests.fixtures.smtp import SmtpServer
 from tests.fixtures.worker import running_worker, until
 
@@ -89,6 +90,16 @@ async def run(db_url: str, kube: KubeAPI, smtp: SmtpServer, tmp_path: Path) -> A
     finally:
         for proc in r.started:
             proc.close()
+    # least privilege holds: the Role of k8s/ grants every request the operators made
+    rules = role_rules()
+    made = {access_of(q.method, q.url.path, dict(q.params)) for q in kube.emulator if _by_operator(q)}
+    assert made, "no request of the operator was seen"
+    assert [a for a in made if a is not None and not granted(rules, a)] == []
+
+
+def _by_operator(request: Any) -> bool:
+    agent = request.headers.get("User-Agent", "")
+    return not agent.startswith(("kubectl", "kmock"))
 
 
 @pytest.fixture
