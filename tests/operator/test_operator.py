@@ -353,3 +353,59 @@ async def test_liveness_answers_and_sigterm_exits_zero(db_url: str, run: Run) ->
             return r.status_code == 200 and r.json().get("resynced_at") is not None
 
         await run.until(alive, "/healthz answers with the last resync")
+
+
+async def test_a_hand_made_resource_naming_another_row_acts_on_nothing(
+    failed_email: Callable[..., Awaitable[int]],
+    db: asyncpg.Connection,
+    run: Run,
+    kube: KubeAPI,
+) -> None:
+    op_id = await failed_email()
+    proc = run.start()
+    async with stopped(proc):
+        await run.until(lambda: phase(run.resource(op_id)) == "Pending", "its resource shows it")
+        forged = {
+            "apiVersion": "payguard.dev/v1",
+            "kind": "FailedOperation",
+            "metadata": {"name": "forged", "annotations": {"payguard.dev/retry-now": "1"}},
+            "spec": {"kind": "email", "reference": "not-its-reference", "rowId": op_id, "maxAttempts": 4},
+        }
+        await kube.create(FO, forged)
+        await run.until(
+            lambda: any(
+                c["reason"] == "RowMissing"
+                for c in ((kube.get(FO, NAMESPACE, "forged") or {}).get("status") or {}).get("conditions", [])
+            ),
+            "it is marked as mirroring no row",
+        )
+        await kubectl(
+            kube.kubeconfig, "patch", "fo", "forged", "--type=merge", "-p", '{"spec":{"suspend":true}}'
+        )
+        await kubectl(kube.kubeconfig, "delete", "fo", "forged")
+        await asyncio.sleep(1)
+    row = await db.fetchrow(
+        "SELECT status, suspended, next_attempt_at > now() + interval '10 minutes' AS later FROM failed_operations"
+    )
+    assert (row["status"], row["suspended"], row["later"]) == (FailureStatus.PENDING, False, True)
+    assert phase(run.resource(op_id)) == "Pending"
+
+
+async def test_kubectl_describe_shows_the_events(
+    failed_email: Callable[..., Awaitable[int]], smtp: SmtpServer, run: Run, kube: KubeAPI
+) -> None:
+    op_id = await failed_email()
+    proc = run.start()
+    async with stopped(proc):
+        await run.until(lambda: phase(run.resource(op_id)) == "Pending", "its resource shows it")
+        smtp.reset()
+        await kubectl(kube.kubeconfig, "annotate", "fo", f"email-{op_id}", "payguard.dev/retry-now=1")
+        await run.until(lambda: "Succeeded" in run.reasons(op_id), "it succeeds")
+        described = (await kubectl(kube.kubeconfig, "describe", "fo", f"email-{op_id}")).stdout
+        listed = (await kubectl(kube.kubeconfig, "get", "fo")).stdout
+    assert "Phase:" in described and "Succeeded" in described
+    events = described[described.index("Events:") :]
+    assert "RetryRequested" in events and "Succeeded" in events and "attempt 2 of 4 succeeded" in events
+    header, row = listed.splitlines()[:2]
+    assert header.split()[:4] == ["NAME", "KIND", "PHASE", "ATTEMPTS"]
+    assert row.split()[:5] == [f"email-{op_id}", "email", "Succeeded", "2", "4"]
