@@ -27,11 +27,20 @@ from tests.fixtures.serve import assert_usage_error, postgres_running, run
         ("PAYGUARD_DB_POOL_TIMEOUT_S", "-1"),
         ("PAYGUARD_MAX_BODY_BYTES", "-1"),
         ("PAYGUARD_TOKEN_TTL_S", "-5"),
+        ("PAYGUARD_KUBE_NAMESPACE", "Not_A_Namespace"),
+        ("PAYGUARD_OPERATOR_FINISHED_TTL_S", "0"),
     ],
 )
 def test_a_bad_setting_is_one_line_and_exit_2(tmp_path: Path, var: str, value: str) -> None:
     result = run(tmp_path / "data", "token", "--user", "u1", **{var: value})
     assert_usage_error(result, var)
+
+
+def test_the_operator_without_the_kubernetes_driver_is_refused_before_the_database(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    result = run(data_dir, "operator")
+    assert_usage_error(result, "PAYGUARD_RETRY_DRIVER=kubernetes")
+    assert not postgres_running(data_dir)
 
 
 def test_migrate_to_an_unknown_revision_is_one_line_and_exit_2(tmp_path: Path) -> None:
