@@ -274,9 +274,10 @@ def _matches(purchase: Any, amount: int, currency: str) -> bool:
     return (purchase.amount, purchase.currency) == (amount, currency.lower())
 
 
-def _check_paid(purchase: Any, amount: int, currency: str) -> None:
+def _check_paid(purchase: Any, amount: int, currency: str, *, counted: bool = False) -> None:
     if not _matches(purchase, amount, currency):
-        PURCHASES.labels(PurchaseKind.CREDITS, PurchaseOutcome.MISMATCH).inc()
+        if not counted:
+            PURCHASES.labels(PurchaseKind.CREDITS, PurchaseOutcome.MISMATCH).inc()
         raise NeedsHuman(
             f"Stripe reports {amount} {currency} for purchase {purchase.id},"
             f" which expects {purchase.amount} {purchase.currency}: nothing was granted"
@@ -295,6 +296,8 @@ async def _grant_paid(conn: AsyncConnection, purchases: Sequence[Any]) -> None:
         "succeeded": PurchaseStatus.SUCCEEDED,
     }
     balances = {row.reference: row.balance_after for row in await conn.execute(_GRANT, params)}
+    PURCHASES.labels(PurchaseKind.CREDITS, PurchaseOutcome.SUCCEEDED).inc(len(purchases))
+    CREDITS_GRANTED.labels(CreditReason.PURCHASE).inc(sum(p.credits for p in purchases))
     receipts = [
         notifications.Email(
             notifications.EmailKind.CREDITS_PURCHASED,
@@ -329,6 +332,7 @@ async def settle_paid_intents(conn: AsyncConnection, paid: Sequence[Paid]) -> li
         if purchase is None:
             settled.append(Settlement.NOT_OURS)
         elif not _matches(purchase, p.amount, p.currency):
+            PURCHASES.labels(PurchaseKind.CREDITS, PurchaseOutcome.MISMATCH).inc()
             settled.append(Settlement.MISMATCH)
         elif purchase.status in (PurchaseStatus.SUCCEEDED, PurchaseStatus.REFUNDED) or p.intent_id in granted:
             settled.append(Settlement.UNCHANGED)
@@ -346,7 +350,8 @@ async def settle_paid_intent(
     """One payment_intent.succeeded (settle_paid_intents); a mismatch raises NeedsHuman."""
     settled = (await settle_paid_intents(conn, [Paid(intent_id, amount, currency)]))[0]
     if settled == Settlement.MISMATCH:  # say what the purchase expects (its row is locked already)
-        _check_paid((await conn.execute(_LOCK_PURCHASE, {"intent_id": intent_id})).one(), amount, currency)
+        purchase = (await conn.execute(_LOCK_PURCHASE, {"intent_id": intent_id})).one()
+        _check_paid(purchase, amount, currency, counted=True)
     return settled
 
 

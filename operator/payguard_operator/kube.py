@@ -10,12 +10,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lightkube import ApiError, AsyncClient, KubeConfig
+from lightkube import ConfigError as LightkubeConfigError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.core_v1 import EventSource, ObjectReference
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Event
 from lightkube.types import PatchType
 
+from app.config import ConfigError
 from app.failures.service import Mirror
 from payguard_operator import resources as fo
 
@@ -32,6 +34,14 @@ def _missing(exc: ApiError) -> bool:
     return exc.status.code == 404
 
 
+def kube_config() -> KubeConfig:
+    """The cluster to use; none is a configuration error (one line, exit 2), not a traceback."""
+    try:
+        return KubeConfig.from_env()
+    except LightkubeConfigError as exc:
+        raise ConfigError(f"no Kubernetes cluster: not in a pod, and no usable KUBECONFIG ({exc})") from None
+
+
 class Kube:
     def __init__(self, client: AsyncClient, namespace: str) -> None:
         self.client = client
@@ -40,7 +50,7 @@ class Kube:
     @classmethod
     def connect(cls, namespace: str | None) -> Kube:
         """In a pod, its service account and namespace; elsewhere KUBECONFIG's current context."""
-        config = KubeConfig.from_env()
+        config = kube_config()
         context = config.get()
         return cls(AsyncClient(config=config), namespace or (context.namespace if context else "default"))
 

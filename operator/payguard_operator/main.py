@@ -30,9 +30,10 @@ from app.worker.leases import Claimed
 from app.worker.runner import Worker
 from payguard_operator import resources as fo
 from payguard_operator.handlers import REGISTRY
-from payguard_operator.kube import Kube
+from payguard_operator.kube import Kube, kube_config
 from payguard_operator.sync import after_attempt, resync
 
+__all__ = ["kube_config", "operate"]
 log = logging.getLogger("payguard.operator")
 FIRST = asyncio.FIRST_COMPLETED
 KOPF_PREFIX = "kopf.payguard.dev"

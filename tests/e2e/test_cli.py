@@ -43,6 +43,14 @@ def test_the_operator_without_the_kubernetes_driver_is_refused_before_the_databa
     assert not postgres_running(data_dir)
 
 
+def test_the_operator_without_a_cluster_says_so_before_the_database(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    missing = str(tmp_path / "no-kubeconfig")
+    result = run(data_dir, "operator", PAYGUARD_RETRY_DRIVER="kubernetes", KUBECONFIG=missing)
+    assert_usage_error(result, "no Kubernetes cluster")
+    assert not postgres_running(data_dir)
+
+
 def test_migrate_to_an_unknown_revision_is_one_line_and_exit_2(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     result = run(data_dir, "migrate", "--revision", "nonsense")

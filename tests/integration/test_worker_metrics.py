@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures.app import AppFactory, Client
+from tests.fixtures.app import AppFactory, Client, auth
 from tests.fixtures.webhooks import deliver, intent_event
 from tests.fixtures.worker import FAST_WORKER, running_worker, until_settled
 
@@ -54,3 +54,23 @@ async def test_dead_failed_operations_are_counted_by_kind(
     assert await sample(client, "payguard_failed_operations", kind="email", status="dead") == 2
     assert await sample(client, "payguard_failed_operations", kind="webhook", status="retrying") == 1
     assert await sample(client, "payguard_failed_operations", kind="webhook", status="dead") == 0
+
+
+async def test_a_paid_credit_purchase_is_counted_once(
+    make_client: AppFactory, db: asyncpg.Connection
+) -> None:
+    client = await make_client(**FAST_WORKER)
+    succeeded = dict(kind="credits", outcome="succeeded")
+    before = await sample(client, "payguard_purchases_total", **succeeded)
+    granted_before = await sample(client, "payguard_credits_granted_total", reason="purchase")
+    r = await client.post(
+        "/v1/credits/purchases", json={"package_id": "pro"}, headers=auth("u1", key="buy-1")
+    )
+    assert r.status_code == 201, r.text
+    intent = r.json()["payment_intent_id"]
+    for _ in range(2):  # a duplicate delivery grants nothing more
+        await deliver(client, intent_event("payment_intent.succeeded", intent, 4500))
+    async with running_worker(client):
+        await until_settled(db)
+    assert await sample(client, "payguard_purchases_total", **succeeded) == before + 1
+    assert await sample(client, "payguard_credits_granted_total", reason="purchase") == granted_before + 500
