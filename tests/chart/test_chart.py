@@ -320,6 +320,9 @@ def test_cloudnativepg_cluster_holds_the_database(maximal: Render) -> None:
     (cluster,) = maximal.of_kind("Cluster")
     assert cluster["apiVersion"] == "postgresql.cnpg.io/v1"
     assert cluster["metadata"]["name"] == "payguard-db"
+    assert cluster["metadata"]["annotations"] == {
+        "helm.sh/resource-policy": "keep"
+    }  # uninstall keeps the data
     spec = cluster["spec"]
     assert spec["instances"] == 3
     assert spec["storage"] == {"size": "20Gi", "storageClass": "fast-ssd"}

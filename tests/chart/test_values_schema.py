@@ -4,6 +4,9 @@ say. And values.yaml keeps the alert contract the rules, runbooks and dashboards
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 import yaml
 
@@ -139,3 +142,35 @@ def test_each_alert_is_named_beside_its_values_key() -> None:
     for key, (alert, _threshold, _severity) in ALERTS.items():
         (at,) = [n for n, line in enumerate(lines) if line.startswith(f"  {key}: ")]
         assert alert in lines[at - 1], key
+
+
+def schema_node(schema: dict[str, Any], node: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """The schema of `key` inside an object schema `node` ($ref resolved), None if it has none."""
+    while "$ref" in node:
+        node = schema["definitions"][node["$ref"].rpartition("/")[2]]
+    if key in node.get("properties", {}):
+        found: dict[str, Any] = node["properties"][key]
+    elif isinstance(node.get("additionalProperties"), dict):
+        found = node["additionalProperties"]
+    else:
+        return None
+    while "$ref" in found:
+        found = schema["definitions"][found["$ref"].rpartition("/")[2]]
+    return found
+
+
+def test_the_schema_types_every_value_in_values_yaml() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    untyped = []
+
+    def walk(values: dict[str, Any], node: dict[str, Any], path: str) -> None:
+        for key, value in values.items():
+            sub = schema_node(schema, node, key)
+            if sub is None or not ({"type", "enum", "oneOf", "anyOf"} & set(sub)):
+                untyped.append(f"{path}{key}")
+            elif isinstance(value, dict):
+                walk(value, sub, f"{path}{key}.")
+
+    walk(yaml.safe_load((CHART / "values.yaml").read_text()), schema, "")
+    assert untyped == []
+    assert schema["additionalProperties"] is False
