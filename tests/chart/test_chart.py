@@ -169,7 +169,7 @@ def test_the_worker_serves_its_metrics_on_a_scraped_port(defaults: Render) -> No
 
 
 def test_each_service_selects_its_own_pods(maximal: Render) -> None:
-    for component, port in (("api", "http"), ("worker", "metrics")):
+    for component, port in (("api", "http"), ("worker", "metrics"), ("operator", "metrics")):
         service = maximal.one("Service", f"payguard-{component}")
         for other in ("api", "worker", "operator"):
             labels = deployment(maximal, other)["spec"]["template"]["metadata"]["labels"]
@@ -177,13 +177,18 @@ def test_each_service_selects_its_own_pods(maximal: Render) -> None:
         assert [p["name"] for p in service["spec"]["ports"]] == [port]
 
 
-def test_the_service_monitor_scrapes_the_api_and_the_worker(maximal: Render) -> None:
+def test_the_service_monitor_scrapes_the_api_the_worker_and_the_operator(maximal: Render) -> None:
     (monitor,) = maximal.of_kind("ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     scraped = [
         s for s in maximal.of_kind("Service") if selects(monitor["spec"]["selector"], s["metadata"]["labels"])
     ]
-    assert sorted(s["metadata"]["name"] for s in scraped) == ["payguard-api", "payguard-worker"]
+    # the job label is the Service's name: PayguardOperatorDown watches up{job="<fullname>-operator"}
+    assert sorted(s["metadata"]["name"] for s in scraped) == [
+        "payguard-api",
+        "payguard-operator",
+        "payguard-worker",
+    ]
     endpoints = {e["port"]: e for e in monitor["spec"]["endpoints"]}
     assert sorted(endpoints) == ["http", "metrics"]
     assert all(e["path"] == "/metrics" and e["interval"] == "15s" for e in endpoints.values())
@@ -204,7 +209,17 @@ def test_the_operator_runs_once_with_its_own_least_privilege_account(defaults: R
     assert env["PAYGUARD_RETRY_DRIVER"]["value"] == "kubernetes"
     assert env["PAYGUARD_OPERATOR_LIVENESS"]["value"] == "http://0.0.0.0:8080/healthz"
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
-    assert {"name": "healthz", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    assert (
+        env["PAYGUARD_OPERATOR_METRICS_HOST"]["value"],
+        env["PAYGUARD_OPERATOR_METRICS_PORT"]["value"],
+    ) == (
+        ALL_INTERFACES,
+        "9102",
+    )
+    assert container["ports"] == [
+        {"name": "healthz", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 9102, "protocol": "TCP"},
+    ]
 
     k8s_rbac = [doc for doc in yaml.safe_load_all((ROOT / "k8s" / "operator-rbac.yaml").read_text()) if doc]
     (k8s_role,) = [doc for doc in k8s_rbac if doc["kind"] == "Role"]
@@ -387,11 +402,22 @@ def test_network_policies_cover_every_pod(maximal: Render) -> None:
         template = workload["spec"].get("template") or workload["spec"]["jobTemplate"]["spec"]["template"]
         labels = template["metadata"]["labels"]
         assert [p for p in policies if selects(p["spec"]["podSelector"], labels)], where
-    api_policy = maximal.one("NetworkPolicy", "payguard-api")
-    assert api_policy["spec"]["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}]
-    assert api_policy["spec"]["ingress"][0]["from"] == [
-        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    ingress_nginx = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    prometheus = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+    http, metrics = [{"port": "http", "protocol": "TCP"}], [{"port": "metrics", "protocol": "TCP"}]
+    # the API's port takes the ingress controller, and Prometheus for /metrics; the others' only Prometheus
+    assert maximal.one("NetworkPolicy", "payguard-api")["spec"]["ingress"] == [
+        {"ports": http, "from": [ingress_nginx]},
+        {"ports": http, "from": [prometheus]},
     ]
+    scraped = maximal.one("NetworkPolicy", "payguard-metrics")
+    assert scraped["spec"]["ingress"] == [{"ports": metrics, "from": [prometheus]}]
+    for component in ("worker", "operator", "api"):
+        labels = deployment(maximal, component)["spec"]["template"]["metadata"]["labels"]
+        assert selects(scraped["spec"]["podSelector"], labels) is (component != "api")
     quiet = maximal.one("NetworkPolicy", "payguard-no-ingress")
     assert "ingress" not in quiet["spec"] and quiet["spec"]["policyTypes"] == ["Ingress"]
 
