@@ -3,7 +3,8 @@
 skaffold is not installed here, so its config is read as data: each artifact names a Dockerfile
 and a build target that exist, the helm release deploys charts/payguard with both images wired
 to the chart's image values the way skaffold fills them, and the dev profile forwards a port the
-chart's API Service really has (the chart is rendered with the real helm, with skaffold's values).
+chart's API Service really has (the chart is rendered with the real helm, with skaffold's values),
+whose pods run the images skaffold built with arguments the payguard CLI accepts.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from app.cli import parser
 from tests.fixtures.dockerfile import parse
 from tests.fixtures.tools import kube_tools
 
@@ -157,6 +159,12 @@ def test_the_chart_renders_with_skaffolds_values_and_has_the_forwarded_service(
         for c in _pod_spec(o)["containers"]
     }
     assert used == built, f"pods run {used}, skaffold built {built}"
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "Job", "CronJob"):
+            for container in _pod_spec(obj)["containers"]:
+                # the image's ENTRYPOINT (payguard) stays; the chart's args must be a command it accepts
+                assert "command" not in container, f"{obj['metadata']['name']} replaces the entrypoint"
+                parser().parse_args(container["args"])
 
 
 def _pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
