@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
+import functools
 import json
 import re
 import subprocess
@@ -22,6 +23,7 @@ from lightkube.types import PatchType
 from app.failures.models import FailureStatus
 from app.failures.service import MIRROR_ERROR_CHARS, Mirror, shown_error
 from payguard_operator import resources
+from tests.fixtures.crd_schema import crd_validator
 from tests.fixtures.kube import NAMESPACE, KubeAPI, load_crd
 from tests.fixtures.tools import kube_tools
 
@@ -67,40 +69,9 @@ def version() -> Body:
     return served
 
 
-def json_schema(node: Body) -> Body:
-    """The API server's reading of an OpenAPI v3 schema, as JSON Schema (with `fieldValidation=Strict`)."""
-    out: Body = {}
-    for key, value in node.items():
-        if key.startswith("x-kubernetes-") or key == "nullable" or (key, value) == ("format", "int64"):
-            continue
-        if key == "properties":
-            value = {name: json_schema(sub) for name, sub in value.items()}
-        elif key in ("items", "additionalProperties", "not") and isinstance(value, dict):
-            value = json_schema(value)
-        elif key in ("allOf", "anyOf", "oneOf"):
-            value = [json_schema(sub) for sub in value]
-        out[key] = value
-    if node.get("nullable"):
-        out["type"] = [out["type"], "null"]
-        if "enum" in out:
-            out["enum"] = [*out["enum"], None]
-    if "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
-        out.setdefault("additionalProperties", False)  # strict: an unknown field is an error, not pruned
-    return out
-
-
+@functools.cache
 def validator() -> jsonschema.Draft7Validator:
-    schema = json_schema(version()["schema"]["openAPIV3Schema"])
-    jsonschema.Draft7Validator.check_schema(schema)
-    checker = jsonschema.FormatChecker()  # its own date-time needs rfc3339-validator, not installed here
-
-    @checker.checks("date-time", raises=ValueError)
-    def is_datetime(value: object) -> bool:
-        return not isinstance(value, str) or bool(
-            RFC3339.fullmatch(value) and datetime.datetime.fromisoformat(value)
-        )
-
-    return jsonschema.Draft7Validator(schema, format_checker=checker)
+    return crd_validator(load_crd(), "v1")
 
 
 def changed(sample: Body, path: tuple[str | int, ...], value: object) -> Body:
