@@ -29,7 +29,6 @@ from tests.fixtures.tools import kube_tools
 
 Body = dict[str, Any]
 DELETE = object()  # a sample change that removes the field
-RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", re.IGNORECASE)
 COLUMNS = ["NAME", "KIND", "PHASE", "ATTEMPTS", "MAX", "NEXT ATTEMPT", "LAST ERROR", "AGE"]
 OBJECT_META = {"name", "namespace", "uid", "creationTimestamp", "generation", "resourceVersion", "labels"}
 
