@@ -87,7 +87,9 @@ class Worker:
         try:
             await asyncio.gather(*loops)
         finally:
-            listener.cancel()
+            # on stop the listener ends itself: a cancel mid-UNLISTEN would pool a connection owing a Sync
+            if not self._stopping.is_set():
+                listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
 
     async def _emails(self) -> None:
@@ -192,7 +194,10 @@ class Worker:
                 raise
             except Exception as exc:
                 log.warning("LISTEN connection lost; polling", extra={"error": repr(exc)})
-                await asyncio.sleep(self.services.settings.worker_poll_interval_s)
+                with contextlib.suppress(TimeoutError):  # a stop cuts the wait short
+                    await asyncio.wait_for(
+                        self._stopping.wait(), self.services.settings.worker_poll_interval_s
+                    )
 
 
 async def _closed(conn: AsyncConnection | None) -> None:
