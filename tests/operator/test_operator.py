@@ -106,10 +106,7 @@ def _by_operator(request: Any) -> bool:
 def failed_email(
     settings_for: Callable[..., Settings], db_url: str, db: asyncpg.Connection, smtp: SmtpServer, run: Run
 ) -> Callable[..., Awaitable[int]]:
-    """Make a lead's email whose first attempt (the worker's) failed: a failed operation for the operator.
-
-    The app is closed at once: an in-process app whose worker ran and then idled for some seconds
-    hangs in closing its engine at the test's end (docs/operator.md, left open)."""
+    """Make a lead's email whose first attempt (the worker's) failed: a failed operation for the operator."""
 
     async def make(user: str = "u1") -> int:
         # the operators' backoff: the first retry is scheduled by the worker that failed the first attempt
