@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.fixtures.alerting import FAST_ROUTING
 from tests.fixtures.prometheus import (
     CHART,
     MONITORED,
     HelmError,
     alert_rules,
+    alertmanager_config,
     helm_template,
     of_kind,
     require_binary,
@@ -228,9 +230,6 @@ def test_the_alertmanager_config_routes_by_severity_to_slack_from_a_secret() -> 
 
 
 def test_amtool_accepts_the_routing_as_alertmanager_receives_it(tmp_path: Path) -> None:
-    from tests.fixtures.alerting import FAST_ROUTING
-    from tests.fixtures.prometheus import alertmanager_config
-
     (amc,) = of_kind(helm_template(*SLACK), "AlertmanagerConfig")
     config = tmp_path / "alertmanager.yml"
     config.write_text(
@@ -241,16 +240,14 @@ def test_amtool_accepts_the_routing_as_alertmanager_receives_it(tmp_path: Path) 
         [amtool, "check-config", str(config)], capture_output=True, text=True, timeout=30, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    for labels, receiver in [
-        ("alertname=PayguardQueueStalled severity=critical namespace=payguard", "slack-critical"),
-        ("alertname=PayguardDatabaseTimeouts severity=error namespace=payguard", "slack-critical"),
-        ("alertname=PayguardEmailsHeldNoSMTP severity=warning namespace=payguard", "slack-warning"),
-        (
-            "alertname=PayguardQueueStalled severity=critical namespace=elsewhere",
-            "null",
-        ),  # not this release's
-        ("alertname=KubePodCrashLooping severity=critical namespace=payguard", "null"),  # not payguard's
-    ]:
+    routing = {  # labels -> the receiver Alertmanager picks
+        "alertname=PayguardQueueStalled severity=critical namespace=payguard": "slack-critical",
+        "alertname=PayguardDatabaseTimeouts severity=error namespace=payguard": "slack-critical",
+        "alertname=PayguardEmailsHeldNoSMTP severity=warning namespace=payguard": "slack-warning",
+        "alertname=PayguardQueueStalled severity=critical namespace=elsewhere": "null",  # another release's
+        "alertname=KubePodCrashLooping severity=critical namespace=payguard": "null",  # not payguard's
+    }
+    for labels, receiver in routing.items():
         routed = subprocess.run(
             [amtool, "config", "routes", "test", f"--config.file={config}", *labels.split()],
             capture_output=True, text=True, timeout=30, check=False,
