@@ -102,6 +102,11 @@ def test_every_alert_has_a_firing_and_a_silent_unit_test() -> None:
     assert {name: c for name, c in cases.items() if not (c["fires"] and c["silent"])} == {}
 
 
+def test_every_alert_is_driven_to_fire_on_the_live_prometheus() -> None:
+    live_tests = (Path(__file__).parent / "test_alerts_live.py").read_text()
+    assert [name for name in ALERTS if f'"{name}"' not in live_tests] == []
+
+
 def test_every_alert_has_its_runbook() -> None:
     # the runbooks are written in docs/runbooks/ by the docs part of this issue
     missing = [name for name in ALERTS if not (ROOT / "docs" / "runbooks" / f"{name}.md").is_file()]
