@@ -170,11 +170,12 @@ def operator(settings: Settings, args: argparse.Namespace) -> None:
     import asyncio
 
     from app.db.migrate import upgrade
-    from payguard_operator.main import kube_config, operate
+    from payguard_operator.main import kube_config, operate, serve_metrics
 
     if settings.retry_driver != "kubernetes":  # the worker would retry them too: say so, do not race it
         raise ConfigError("payguard operator needs PAYGUARD_RETRY_DRIVER=kubernetes, in the workers too")
     kube_config()  # a missing cluster is said before any database is started
+    serve_metrics(settings)
     with database(settings) as url:
         upgrade(url)
         asyncio.run(operate(settings, url))

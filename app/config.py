@@ -26,6 +26,7 @@ Retention = Annotated[int, msgspec.Meta(ge=60, le=10 * 365 * 86_400)]  # seconds
 Lifetime = Annotated[int, msgspec.Meta(ge=1, le=10 * 365 * 86_400)]  # seconds, up to ten years
 KubeName = Annotated[str, msgspec.Meta(pattern="^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]  # a DNS label
 Rate = Annotated[float, msgspec.Meta(ge=0, le=1)]  # a share: 0.05 is 5 %
+PortOrOff = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0 means none
 
 
 class CreditPackage(msgspec.Struct, frozen=True):
@@ -110,6 +111,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     operator_finished_ttl_s: Lifetime = 86_400  # succeeded and discarded resources are deleted after this
     operator_peering: KubeName = "payguard"  # the KopfPeering object: one active operator replica
     operator_liveness: str = "http://0.0.0.0:8080/healthz"  # the liveness probe's endpoint
+    operator_metrics_host: str = "0.0.0.0"  # noqa: S104 (in a pod, Prometheus scrapes the pod's address)
+    operator_metrics_port: PortOrOff = 9102  # the operator's /metrics; PayguardOperatorDown watches it
 
     # idempotency keys
     idempotency_lock_timeout_s: Seconds = 90.0  # a crashed request's lock becomes takeable

@@ -363,6 +363,7 @@ _DUE = text(
     " WHERE status IN (:pending, :retrying) AND next_attempt_at <= now()"
 )
 _COUNTS = text("SELECT kind, status, count(*) AS n FROM failed_operations GROUP BY kind, status")
+_OLDEST_OPEN = text("SELECT min(created_at) FROM failed_operations WHERE status IN (:pending, :retrying)")
 
 
 async def backlog(conn: AsyncConnection) -> tuple[int, datetime | None]:
@@ -370,6 +371,13 @@ async def backlog(conn: AsyncConnection) -> tuple[int, datetime | None]:
     params = {"pending": FailureStatus.PENDING, "retrying": FailureStatus.RETRYING}
     row = (await conn.execute(_DUE, params)).one()
     return row.depth, row.oldest
+
+
+async def oldest_open(conn: AsyncConnection) -> datetime | None:
+    """When the oldest operation still pending or retrying first failed (suspended or not yet due too)."""
+    params = {"pending": FailureStatus.PENDING, "retrying": FailureStatus.RETRYING}
+    oldest: datetime | None = await conn.scalar(_OLDEST_OPEN, params)
+    return oldest
 
 
 async def counts(conn: AsyncConnection) -> dict[tuple[str, str], int]:

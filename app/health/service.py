@@ -1,3 +1,5 @@
+from datetime import datetime
+
 from sqlalchemy import text
 
 from app.failures import service as failures
@@ -6,13 +8,19 @@ from app.notifications import service as notifications
 from app.observability.metrics import (
     EMAILS_HELD,
     FAILED_OPERATIONS,
+    FAILED_OPERATIONS_OLDEST_OPEN_AGE,
     JOB_LAST_SUCCESS,
     QUEUE_DEPTH,
     QUEUE_OLDEST_AGE,
+    RECONCILE_MISSED_RECENT,
+    RESERVATIONS_OLDEST_ACTIVE_AGE,
     Queue,
 )
+from app.reservations import service as reservations
 from app.services import Services
 from app.webhooks import service as webhooks
+
+RECONCILE_MISSED_WINDOW_S = 3600.0  # PayguardReconcileFoundMissedEvents looks at an hour of runs
 
 
 async def database_ready(services: Services) -> bool:
@@ -34,6 +42,8 @@ async def observe_queues(services: Services) -> None:
             depth, oldest, held = await notifications.backlog(conn)
             retries = await failures.backlog(conn)
             by_kind = await failures.counts(conn)
+            oldest_open = await failures.oldest_open(conn)
+            oldest_hold = await reservations.oldest_active_hold(conn)
     except Exception:
         return
     for queue, (count, since) in {
@@ -42,10 +52,17 @@ async def observe_queues(services: Services) -> None:
         Queue.RETRIES: retries,
     }.items():
         QUEUE_DEPTH.labels(queue).set(count)
-        QUEUE_OLDEST_AGE.labels(queue).set(max(0.0, (now - since).total_seconds()) if since else 0)
+        QUEUE_OLDEST_AGE.labels(queue).set(_age(now, since))
     EMAILS_HELD.set(held)
     for (kind, status), n in by_kind.items():
         FAILED_OPERATIONS.labels(kind, status).set(n)
+    FAILED_OPERATIONS_OLDEST_OPEN_AGE.set(_age(now, oldest_open))
+    RESERVATIONS_OLDEST_ACTIVE_AGE.set(_age(now, oldest_hold))
+
+
+def _age(now: datetime, since: datetime | None) -> float:
+    """Seconds from `since` to `now`; 0 when there is nothing (an empty queue is not a stalled one)."""
+    return max(0.0, (now - since).total_seconds()) if since else 0.0
 
 
 async def observe_jobs(services: Services) -> None:
@@ -53,8 +70,12 @@ async def observe_jobs(services: Services) -> None:
     database that does not answer leaves the figures as they were (the last ones known)."""
     try:
         async with services.sessions() as session:
-            succeeded = await jobs.last_successes(await session.connection())
+            conn = await session.connection()
+            succeeded = await jobs.last_successes(conn)
+            missed = await jobs.missed_recently(conn, RECONCILE_MISSED_WINDOW_S)
     except Exception:
         return
     for job, at in succeeded.items():
         JOB_LAST_SUCCESS.labels(job).set(at.timestamp())
+    for source, n in missed.items():
+        RECONCILE_MISSED_RECENT.labels(source).set(n)

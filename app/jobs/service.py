@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.jobs.models import JobName, RunOutcome
 from app.jobs.schemas import AlertOut, JobRunOut, JobRunPage, MetricOut, OperationsHealth
-from app.observability.metrics import JOB_LAST_SUCCESS
+from app.observability.metrics import JOB_LAST_SUCCESS, MissedSource
 from app.pagination import page, parse_cursor
 from app.problems import ServiceError
 from app.services import Services
@@ -210,6 +210,23 @@ async def last_successes(conn: AsyncConnection) -> dict[str, datetime]:
     """When each job last finished a run that succeeded (the scrape's gauge)."""
     rows = await conn.execute(_LAST_SUCCESSES, {"succeeded": RunOutcome.SUCCEEDED})
     return {row.job: row.at for row in rows}
+
+
+# reconcile's steps count what they found as `<source>_missed` (events_missed, intents_missed)
+_MISSED_RECENTLY = text(
+    "SELECT c.key, sum(c.value::bigint) AS n FROM job_runs, jsonb_each_text(job_runs.counts) AS c"
+    " WHERE job = :job AND finished_at > now() - make_interval(secs => :window) AND c.key = ANY(:keys)"
+    " GROUP BY c.key"
+)
+
+
+async def missed_recently(conn: AsyncConnection, window_s: float) -> dict[MissedSource, int]:
+    """What reconcile runs that finished in the last `window_s` seconds found Stripe settled and we never
+    heard of, by source (the scrape's gauge: a CronJob's own counters die with its pod)."""
+    keys = {f"{source}_missed": source for source in MissedSource}
+    params = {"job": JobName.RECONCILE, "window": window_s, "keys": list(keys)}
+    found = {keys[row.key]: int(row.n) for row in await conn.execute(_MISSED_RECENTLY, params)}
+    return {source: found.get(source, 0) for source in MissedSource}
 
 
 _DUE_IN = text(

@@ -142,6 +142,14 @@ FAILED_OPERATIONS = Gauge(
     ["kind", "status"],
 )
 EMAILS_HELD = Gauge("payguard_emails_held", "Emails waiting for SMTP to be configured")
+FAILED_OPERATIONS_OLDEST_OPEN_AGE = Gauge(
+    "payguard_failed_operations_oldest_open_age_seconds",
+    "Age of the oldest failed operation still pending or retrying, since it first failed (0 when none)",
+)
+RESERVATIONS_OLDEST_ACTIVE_AGE = Gauge(
+    "payguard_reservations_oldest_active_age_seconds",
+    "Age of the oldest ticket hold still marked active (0 when none): past its TTL means cleanup stalled",
+)
 
 
 class MissedSource(StrEnum):
@@ -157,6 +165,12 @@ JOB_LAST_SUCCESS = Gauge(
     "payguard_job_last_success_timestamp_seconds",
     "When each job (cleanup, health, reconcile) last finished a run that succeeded, in Unix seconds",
     ["job"],
+)
+RECONCILE_MISSED_RECENT = Gauge(
+    "payguard_reconcile_missed_events_recent",
+    "Events reconciliation stored that had never reached us, found by runs that finished in the last hour,"
+    " by source (MissedSource); read from job_runs at each scrape",
+    ["source"],
 )
 RECONCILE_MISSED = Counter(
     "payguard_reconcile_missed_events_total",

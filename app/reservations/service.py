@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -218,6 +219,15 @@ async def reservation_stats(services: Services) -> ReservationStats:
         awaiting_cleanup=sum(row.unmarked for row in rows),
         oldest_active_at=oldest,
     )
+
+
+_OLDEST_ACTIVE = text(f"SELECT min(created_at) FROM reservations WHERE status = '{ACTIVE}'")  # noqa: S608
+
+
+async def oldest_active_hold(conn: AsyncConnection) -> datetime | None:
+    """When the oldest hold still marked active was made (the scrape's gauge: old means cleanup stalled)."""
+    oldest: datetime | None = await conn.scalar(_OLDEST_ACTIVE)
+    return oldest
 
 
 async def expire_holds(services: Services, batch: int) -> int:

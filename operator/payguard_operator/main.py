@@ -20,8 +20,9 @@ import time
 from datetime import UTC, datetime
 
 import kopf
+from prometheus_client import start_http_server
 
-from app.config import Settings
+from app.config import ConfigError, Settings
 from app.db.engine import create_engine
 from app.main import build_services
 from app.observability.metrics import Queue
@@ -50,6 +51,17 @@ class Driver(Worker):
         super().wake(queue)
         if queue == Queue.RETRIES:
             self.resync_due.set()
+
+
+def serve_metrics(settings: Settings) -> None:
+    """The operator's /metrics (its retry attempts; its `up` is what PayguardOperatorDown watches)."""
+    if not settings.operator_metrics_port:
+        return
+    try:
+        start_http_server(settings.operator_metrics_port, addr=settings.operator_metrics_host)
+    except OSError as exc:  # not a database problem, which is what main() would call an OSError
+        port = settings.operator_metrics_port
+        raise ConfigError(f"PAYGUARD_OPERATOR_METRICS_PORT {port}: cannot listen ({exc.strerror})") from None
 
 
 def kopf_settings(settings: Settings) -> kopf.OperatorSettings:

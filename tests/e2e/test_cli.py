@@ -51,6 +51,30 @@ def test_the_operator_without_a_cluster_says_so_before_the_database(tmp_path: Pa
     assert not postgres_running(data_dir)
 
 
+def test_an_operator_whose_metrics_port_is_taken_says_so_before_the_database(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        kubeconfig = tmp_path / "kubeconfig"  # a cluster is named, so the port is what stops it
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+            "clusters: [{name: k, cluster: {server: 'http://127.0.0.1:1'}}]\n"
+            "users: [{name: u, user: {token: t}}]\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n"
+        )
+        env = {
+            "KUBECONFIG": str(kubeconfig),
+            "PAYGUARD_RETRY_DRIVER": "kubernetes",
+            "PAYGUARD_OPERATOR_METRICS_HOST": "127.0.0.1",
+            "PAYGUARD_OPERATOR_METRICS_PORT": str(port),
+        }
+        result = run(tmp_path / "data", "operator", timeout=30, **env)
+    assert_usage_error(
+        result, f"PAYGUARD_OPERATOR_METRICS_PORT {port}: cannot listen (Address already in use)"
+    )
+    assert not (tmp_path / "data").exists()
+
+
 def test_migrate_to_an_unknown_revision_is_one_line_and_exit_2(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     result = run(data_dir, "migrate", "--revision", "nonsense")

@@ -186,6 +186,10 @@ async def test_an_email_that_never_goes_is_dead_after_exactly_its_budget(
     async with stopped(proc):
         await run.until(lambda: phase(run.resource(op_id)) == "Dead", "the resource says Dead")
         await run.until(lambda: "Dead" in run.reasons(op_id), "the Dead event is posted")
+        # the operator's own /metrics counts its attempts (and its `up` is PayguardOperatorDown's)
+        retries = {"queue": "retries", "kind": "email"}
+        assert await proc.metric("payguard_work_items_total", **retries, outcome="failed") == 2
+        assert await proc.metric("payguard_work_items_total", **retries, outcome="dead") == 1
     assert await history(db, op_id) == [1, 2, 3, 4]
     assert await db.fetchval("SELECT status FROM failed_operations") == FailureStatus.DEAD
     assert await db.fetchval("SELECT status FROM outbox_emails") == EmailStatus.DEAD
