@@ -115,16 +115,20 @@ def test_every_alert_has_its_runbook() -> None:
 
 def test_every_threshold_for_and_severity_is_a_value(rules: dict[str, Any], tmp_path: Path) -> None:
     changed: dict[str, Any] = {}
-    for n, (name, (key, _)) in enumerate(sorted(ALERTS.items())):
-        changed[key] = {"for": f"{n + 2}m", "severity": "info"}
+    for n, (name, (key, severity)) in enumerate(sorted(ALERTS.items())):
+        other = "warning" if severity != "warning" else "critical"  # values.schema.json allows only these
+        changed[key] = {"for": f"{n + 2}m", "severity": other}
         if name not in WITHOUT_THRESHOLD:
-            changed[key]["threshold"] = 1000 + n + 0.5  # distinct, and unlike any default
+            changed[key]["threshold"] = round(
+                0.9 - n * 0.01, 2
+            )  # distinct, unlike any default, a valid share
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump({"alerts": changed}))
     moved = {r["alert"]: r for r in alert_rules("--values", str(values))}
     for name, (key, _) in ALERTS.items():
         before, after = rules[name], moved[name]
-        assert after["for"] == changed[key]["for"] and after["labels"]["severity"] == "info", name
+        assert after["for"] == changed[key]["for"], name
+        assert after["labels"]["severity"] == changed[key]["severity"], name
         if name in WITHOUT_THRESHOLD:
             assert after["expr"] == before["expr"], name
             continue
