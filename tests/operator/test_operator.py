@@ -46,6 +46,14 @@ class Run:
         self.started: list[OperatorProcess] = []
         self.backoff = (3600.0, 3600.0)  # (base, cap) seconds: by default no retry comes by itself
 
+    @asynccontextmanager
+    async def operating(self, op_id: int) -> AsyncIterator[OperatorProcess]:
+        """An operator, once the operation's resource shows it pending; stopped by SIGTERM (exit 0) after."""
+        proc = self.start()
+        async with stopped(proc):
+            await self.until(lambda: phase(self.resource(op_id)) == "Pending", "its resource shows it")
+            yield proc
+
     def start(self, **env: str) -> OperatorProcess:
         log = self.logs / f"operator-{len(self.started)}.log"
         base, cap = self.backoff
@@ -208,9 +216,7 @@ async def test_retry_now_and_suspend_with_kubectl(
 ) -> None:
     op_id = await failed_email()
     name = f"email-{op_id}"
-    proc = run.start()  # no retry would come by itself
-    async with stopped(proc):
-        await run.until(lambda: phase(run.resource(op_id)) == "Pending", "its resource shows it")
+    async with run.operating(op_id):  # no retry would come by itself
         smtp.reset()
         await kubectl(kube.kubeconfig, "patch", "fo", name, "--type=merge", "-p", '{"spec":{"suspend":true}}')
         await until(db, "SELECT suspended FROM failed_operations")
@@ -239,9 +245,7 @@ async def test_deleting_a_resource_discards_its_operation_but_not_a_succeeded_on
     kube: KubeAPI,
 ) -> None:
     first = await failed_email()
-    proc = run.start()
-    async with stopped(proc):
-        await run.until(lambda: phase(run.resource(first)) == "Pending", "its resource shows it")
+    async with run.operating(first):
         await kubectl(kube.kubeconfig, "delete", "fo", f"email-{first}")
         assert run.resource(first) is None
         row = await db.fetchrow("SELECT status, attempts FROM failed_operations WHERE id = $1", first)
@@ -326,9 +330,7 @@ async def test_a_resource_deleted_behind_the_operators_back_comes_back(
     kube: KubeAPI,
 ) -> None:
     op_id = await failed_email()
-    proc = run.start()
-    async with stopped(proc):
-        await run.until(lambda: phase(run.resource(op_id)) == "Pending", "its resource shows it")
+    async with run.operating(op_id):
         key = (kube.resource(FO), NAMESPACE, f"email-{op_id}")
         first_uid = kube.emulator.objects[key]["metadata"]["uid"]
         kube.emulator.objects[key].delete()  # gone from storage: no finalizer, no handler ran
@@ -363,9 +365,7 @@ async def test_a_hand_made_resource_naming_another_row_acts_on_nothing(
     kube: KubeAPI,
 ) -> None:
     op_id = await failed_email()
-    proc = run.start()
-    async with stopped(proc):
-        await run.until(lambda: phase(run.resource(op_id)) == "Pending", "its resource shows it")
+    async with run.operating(op_id):
         forged = {
             "apiVersion": "payguard.dev/v1",
             "kind": "FailedOperation",
@@ -396,9 +396,7 @@ async def test_kubectl_describe_shows_the_events(
     failed_email: Callable[..., Awaitable[int]], smtp: SmtpServer, run: Run, kube: KubeAPI
 ) -> None:
     op_id = await failed_email()
-    proc = run.start()
-    async with stopped(proc):
-        await run.until(lambda: phase(run.resource(op_id)) == "Pending", "its resource shows it")
+    async with run.operating(op_id):
         smtp.reset()
         await kubectl(kube.kubeconfig, "annotate", "fo", f"email-{op_id}", "payguard.dev/retry-now=1")
         await run.until(lambda: "Succeeded" in run.reasons(op_id), "it succeeds")
