@@ -34,7 +34,7 @@ from payguard_operator.handlers import REGISTRY
 from payguard_operator.kube import Kube, kube_config
 from payguard_operator.sync import after_attempt, resync
 
-__all__ = ["kube_config", "operate"]
+__all__ = ["kube_config", "operate", "serve_metrics"]
 log = logging.getLogger("payguard.operator")
 FIRST = asyncio.FIRST_COMPLETED
 KOPF_PREFIX = "kopf.payguard.dev"
@@ -43,8 +43,8 @@ KOPF_PREFIX = "kopf.payguard.dev"
 class Driver(Worker):
     """The worker's retry loop; a recorded failure's NOTIFY also asks for a resync (its new resource)."""
 
-    def __init__(self, services: Services, engine: object) -> None:
-        super().__init__(services, engine)  # type: ignore[arg-type]
+    def __init__(self, services: Services) -> None:
+        super().__init__(services, services.engine)
         self.resync_due = asyncio.Event()
 
     def wake(self, queue: Queue) -> None:
@@ -89,7 +89,7 @@ async def operate(settings: Settings, url: str) -> None:
     services = build_services(settings, engine)
     kube = Kube.connect(settings.kube_namespace)
     memo = kopf.Memo(services=services, kube=kube, resynced_at=None)
-    driver = Driver(services, engine)
+    driver = Driver(services)
     stopping = asyncio.Event()
 
     async def after(item: Claimed, outcome: str) -> None:
