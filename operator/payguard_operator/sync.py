@@ -26,13 +26,15 @@ log = logging.getLogger("payguard.operator")
 NORMAL, WARNING = "Normal", "Warning"
 
 
-async def show(kube: Kube, body: dict[str, Any], mirror: Mirror | None) -> None:
-    """Write the status the row gives the resource, if it differs."""
+async def show(kube: Kube, body: dict[str, Any], mirror: Mirror | None) -> bool:
+    """Write the status (and labels) the row gives the resource, if they differ; say whether it wrote."""
     status = fo.status_of(mirror, body, datetime.now(UTC))
     labels = fo.labels(mirror) if mirror is not None and fo.mirrors_row(body, mirror) else {}
     have = body["metadata"].get("labels") or {}
-    if fo.status_changed(body, status) or any(have.get(k) != v for k, v in labels.items()):
-        await kube.write(body, status, labels)
+    if not fo.status_changed(body, status) and all(have.get(k) == v for k, v in labels.items()):
+        return False
+    await kube.write(body, status, labels)
+    return True
 
 
 async def mirror_of(services: Services, row_id: Any) -> Mirror | None:
@@ -85,8 +87,7 @@ async def resync(services: Services, kube: Kube) -> dict[str, int]:
                 await kube.delete(body["metadata"]["name"])
                 done["deleted"] += 1
                 continue
-        if fo.status_changed(body, fo.status_of(mirror, body, datetime.now(UTC))):
-            await show(kube, body, mirror)
+        if await show(kube, body, mirror):
             done["updated"] += 1
     for mirror in rows.values():
         if mirror.id not in seen and mirror.status in fo.MIRRORED:
